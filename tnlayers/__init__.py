@@ -1,0 +1,16 @@
+"""tnlayers: tensor-network layers with Deviation-Aware Scaling.
+
+Importing tnlayers initializes neither CUDA nor Triton (kernels load lazily).
+"""
+from .formats import FORMATS
+from .groups import core_groups
+from .layers import (CPConv2d, CPLinear, FactorizedTensor, TensorizedConv2d, TensorizedLinear, TRConv2d,
+                     TRLinear, TTConv2d, TTLinear, TuckerConv2d, TuckerLinear)
+from .metrics import norm_deviation, norm_report
+from .shapes import tensorize_dim
+
+__version__ = "0.1.0"
+
+__all__ = ["FactorizedTensor", "TensorizedLinear", "TensorizedConv2d", "TTConv2d", "TRConv2d", "CPConv2d",
+           "TuckerConv2d", "TTLinear", "TRLinear", "CPLinear", "TuckerLinear", "core_groups", "norm_deviation",
+           "norm_report", "tensorize_dim", "FORMATS"]

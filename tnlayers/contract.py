@@ -1,0 +1,148 @@
+"""Contractions of a layer's cores, planned once with opt_einsum and reused on every call.
+
+Two ways to apply a tensorized layer to an input:
+- dense: contract the cores into the weight, then one ``F.linear``/``F.conv2d``;
+- factorized: contract the input through the cores. For a conv, cores holding input modes act as 1x1
+  maps, the cores holding the spatial modes (and mode-less cores such as a Tucker core) form a small
+  kernel applied by one conv, and cores holding output modes act as 1x1 maps after it. Bonds shared by
+  the input side, the kernel and the output side (CP's rank) make the conv depthwise (groups);
+  bonds passing from input side to output side around the kernel (a tensor ring's closing bond) are
+  folded into the batch.
+Each plan carries opt_einsum's FLOP estimate, so ``"auto"`` can pick the cheaper one per input shape.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from math import prod
+from typing import List, Sequence, Tuple
+
+import opt_einsum
+import torch
+import torch.nn.functional as F
+
+from .formats.network import Network, einsum_equation, mode_label
+
+__all__ = ["expression", "LinearPlan", "ConvPlan"]
+
+STRATEGIES = ("auto", "dense", "factorized")
+_BATCH, _H, _W = "_batch", "_h", "_w"  # labels of the input's own axes (never clash with m*/r*)
+
+
+@lru_cache(maxsize=4096)
+def expression(equation: str, shapes: Tuple[Tuple[int, ...], ...]):
+    """(ContractExpression, FLOP estimate) for an equation and operand shapes; path searched once."""
+    path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="auto")
+    return opt_einsum.contract_expression(equation, *shapes, optimize=path), int(info.opt_cost)
+
+
+class _Plan:
+    """What every layer plan shares: the modes' roles and the contraction of cores into the weight."""
+
+    def __init__(self, net: Network, roles: Sequence[str]):
+        self.net = net
+        labels = [mode_label(i) for i in range(len(roles))]
+        self.in_modes = [m for m, r in zip(labels, roles) if r == "in"]
+        self.out_modes = [m for m, r in zip(labels, roles) if r == "out"]
+        self.spatial_modes = [m for m, r in zip(labels, roles) if r == "spatial"]
+        self.shapes = tuple(tuple(s) for s in net.shapes)
+        eq = net.equation(self.out_modes + self.in_modes + self.spatial_modes)
+        self._weight_expr, self.weight_cost = expression(eq, self.shapes)
+
+    def size(self, labels) -> int:
+        return prod(self.net.sizes[label] for label in labels)
+
+    def weight(self, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Cores -> weight of shape (out, in, *spatial modes), out/in flattened row-major."""
+        w = self._weight_expr(*cores)
+        return w.reshape(self.size(self.out_modes), self.size(self.in_modes), *w.shape[w.dim() - len(self.spatial_modes):])
+
+
+class LinearPlan(_Plan):
+    """y[b, out] = sum_in W[out, in] x[b, in], with W given by the cores."""
+
+    def __init__(self, net: Network, roles: Sequence[str]):
+        super().__init__(net, roles)
+        self._equation = einsum_equation([(_BATCH, *self.in_modes), *net.cores], (_BATCH, *self.out_modes))
+
+    def _factorized_expr(self, batch: int):
+        x_shape = (batch, *(self.net.sizes[m] for m in self.in_modes))
+        return expression(self._equation, (x_shape, *self.shapes))
+
+    def costs(self, batch: int) -> Tuple[int, int]:
+        """(dense, factorized) FLOP estimates for a batch of ``batch`` rows."""
+        dense = self.weight_cost + 2 * batch * self.size(self.in_modes) * self.size(self.out_modes)
+        return dense, self._factorized_expr(batch)[1]
+
+    def factorized(self, x2d: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+        batch = x2d.shape[0]
+        expr, _ = self._factorized_expr(batch)
+        xs = x2d.reshape(batch, *(self.net.sizes[m] for m in self.in_modes))
+        return expr(xs, *cores).reshape(batch, self.size(self.out_modes))
+
+
+class ConvPlan(_Plan):
+    """Conv2d through the cores: input-side 1x1 maps -> one (grouped) k x k conv -> output-side 1x1 maps."""
+
+    def __init__(self, net: Network, roles: Sequence[str], kernel_size: Tuple[int, int]):
+        super().__init__(net, roles)
+        self.kernel_size = kernel_size
+        role_of = dict(zip([mode_label(i) for i in range(len(roles))], roles))
+        sides = {"in": [], "out": [], "kernel": []}
+        self.supported = True
+        for k, labels in enumerate(net.cores):
+            core_roles = {role_of[label] for label in labels if label in role_of}
+            if len(core_roles) > 1:  # a core mixing input/output/spatial modes: no such factorized chain
+                self.supported = False
+                return
+            side = core_roles.pop() if core_roles else "kernel"
+            sides["kernel" if side == "spatial" else side].append(k)
+        self.sides = sides
+        bonds = net.bonds
+        held = {side: {label for k in ks for label in net.cores[k]} for side, ks in sides.items()}
+        self.pass_ = [b for b in bonds if b in held["in"] and b in held["out"] and b not in held["kernel"]]
+        self.depth = [b for b in bonds if b in held["in"] and b in held["out"] and b in held["kernel"]]
+        self.into = [b for b in bonds if b in held["in"] and b in held["kernel"] and b not in held["out"]]
+        self.outof = [b for b in bonds if b in held["out"] and b in held["kernel"] and b not in held["in"]]
+        kernel_cores = [net.cores[k] for k in sides["kernel"]]
+        kernel_eq = einsum_equation(kernel_cores, self.depth + self.outof + self.into + self.spatial_modes)
+        self._kernel_expr, self.kernel_cost = expression(kernel_eq, tuple(self.shapes[k] for k in sides["kernel"]))
+        mid = [*self.pass_, *self.depth]
+        self._in_eq = einsum_equation([(_BATCH, *self.in_modes, _H, _W)] + [net.cores[k] for k in sides["in"]],
+                                      (_BATCH, *mid, *self.into, _H, _W))
+        self._out_eq = einsum_equation([(_BATCH, *mid, *self.outof, _H, _W)] + [net.cores[k] for k in sides["out"]],
+                                       (_BATCH, *self.out_modes, _H, _W))
+
+    def _in_expr(self, batch, h, w):
+        shape = (batch, *(self.net.sizes[m] for m in self.in_modes), h, w)
+        return expression(self._in_eq, (shape, *(self.shapes[k] for k in self.sides["in"])))
+
+    def _out_expr(self, batch, h_out, w_out):
+        shape = (batch, *(self.net.sizes[b] for b in self.pass_ + self.depth + self.outof), h_out, w_out)
+        return expression(self._out_eq, (shape, *(self.shapes[k] for k in self.sides["out"])))
+
+    def costs(self, batch: int, h: int, w: int, h_out: int, w_out: int) -> Tuple[int, int]:
+        """(dense, factorized) FLOP estimates for an input (batch, C_in, h, w) giving (h_out, w_out)."""
+        taps = prod(self.kernel_size)
+        dense = self.weight_cost + 2 * batch * h_out * w_out * self.size(self.in_modes) * self.size(self.out_modes) * taps
+        if not self.supported:
+            return dense, None
+        in_cost, out_cost = self._in_expr(batch, h, w)[1], self._out_expr(batch, h_out, w_out)[1]
+        conv = 2 * batch * self.size(self.pass_) * h_out * w_out * self.size(self.depth) \
+            * self.size(self.outof) * self.size(self.into) * taps
+        return dense, in_cost + self.kernel_cost + conv + out_cost
+
+    def factorized(self, x: torch.Tensor, cores: Sequence[torch.Tensor], conv_args: dict) -> torch.Tensor:
+        """``x``: (B, C_in, H, W), already padded if the padding mode is not zeros."""
+        batch, _, h, w = x.shape
+        pick = lambda side: [cores[k] for k in self.sides[side]]  # noqa: E731
+        t = self._in_expr(batch, h, w)[0](x.reshape(batch, *(self.net.sizes[m] for m in self.in_modes), h, w), *pick("in"))
+        groups, n_pass = self.size(self.depth), self.size(self.pass_)
+        t = t.reshape(batch * n_pass, groups * self.size(self.into), h, w)
+        kernel = self._kernel_expr(*pick("kernel")).reshape(groups * self.size(self.outof), self.size(self.into),
+                                                            *self.kernel_size)
+        y = F.conv2d(t, kernel, None, groups=groups, **conv_args)
+        y = y.reshape(batch, *(self.net.sizes[b] for b in self.pass_ + self.depth + self.outof), *y.shape[-2:])
+        y = self._out_expr(batch, *y.shape[-2:])[0](y, *pick("out"))
+        return y.reshape(batch, self.size(self.out_modes), *y.shape[-2:])
+
+

@@ -1,0 +1,23 @@
+"""Tensor formats as data: each module says which labels its cores carry (``network``), how a layer's
+rank maps onto its modes (``layer_rank``), which bonds are larger than useful (``excess``), and how to
+decompose a dense array into it (``decompose``, tensorly on float64 numpy arrays)."""
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import cp, tr, tt, tucker
+from .network import Network, check_modes, mode_label
+
+__all__ = ["FORMATS", "get_format", "Network", "check_modes", "mode_label"]
+
+FORMATS = {m.NAME: m for m in (cp, tucker, tt, tr)}
+
+
+def get_format(name) -> ModuleType:
+    """The format module for ``name``; an unknown name lists the valid ones."""
+    if not isinstance(name, str):
+        raise TypeError(f"format must be a str, one of {sorted(FORMATS)}, got {name!r}")
+    try:
+        return FORMATS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown format {name!r}; format must be one of {sorted(FORMATS)}") from None

@@ -1,0 +1,54 @@
+"""Tensor-Ring: cores (r_0, n_1, r_1), (r_1, n_2, r_2), ..., (r_{d-1}, n_d, r_0), closed by a trace."""
+from __future__ import annotations
+
+from math import isqrt, prod
+
+import numpy as np
+
+from ._rank import rank_list
+from .network import Network, check_modes, mode_label
+
+NAME = "tr"
+MERGE_SPATIAL = True  # paper Table 8: (in modes..., kh*kw, out modes...)
+SPLIT_CHANNELS = {"conv": True, "linear": True}
+
+
+def network(modes, rank) -> Network:
+    modes = check_modes(modes)
+    d = len(modes)
+    bonds = rank_list(rank, d, NAME)
+    sizes = {mode_label(i): n for i, n in enumerate(modes)}
+    sizes.update({f"r{k}": r for k, r in enumerate(bonds)})
+    cores = tuple((f"r{k}", mode_label(k), f"r{(k + 1) % d}") for k in range(d))
+    return Network(NAME, modes, cores, sizes)
+
+
+def layer_rank(rank, roles):
+    return rank
+
+
+def excess(net: Network):
+    """Core k maps bond r_k to (n_k, r_{k+1}); a bond larger than the other side of either core it joins
+    can be shrunk (by a QR of that core) without changing any representable tensor."""
+    d, msgs = len(net.modes), []
+    for k in range(d):
+        left, right, n = net.sizes[f"r{k}"], net.sizes[f"r{(k + 1) % d}"], net.modes[k]
+        if left > n * right:
+            msgs.append(f"bond r{k}={left} > n{k}*r{(k + 1) % d}={n * right}")
+        if right > n * left:
+            msgs.append(f"bond r{(k + 1) % d}={right} > r{k}*n{k}={n * left}")
+    return msgs
+
+
+def decompose(array: np.ndarray, net: Network, **_):
+    """TR-SVD (tensorly). The first unfolding fixes r_0 * r_1 <= n_1; we split that budget as evenly as
+    the asked ranks allow (r_0 = 1 would degrade the ring to a train)."""
+    from tensorly.decomposition import tensor_ring
+
+    d = len(net.modes)
+    asked = [net.sizes[f"r{k}"] for k in range(d)]
+    budget = min(net.modes[0], prod(net.modes[1:]))
+    r0 = max(q for q in range(1, min(asked[0], isqrt(budget)) + 1) if budget % q == 0)
+    r1 = min(asked[1], budget // r0)
+    ranks = [r0, r1] + asked[2:] + [r0]
+    return list(tensor_ring(array, rank=ranks).factors)

@@ -1,0 +1,70 @@
+"""Scale-invariant core groups: which parameters are the cores of one tensorized layer.
+
+A tensorized layer's weight is multilinear in its cores, so scaling one core by c and another by 1/c
+leaves the layer unchanged. Optimizers (SAM, DAS, BAR) and metrics work per such *group*. Each core
+parameter carries a small marker (``_tn_group``: a token unique to its layer, ``_tn_core``: its index in
+the group), so an optimizer handed plain ``model.parameters()`` can still tell the groups apart.
+
+Markers live on the parameter objects, which ``copy.deepcopy`` does not preserve; the layers re-mark
+themselves after unpickling/deepcopy, and :func:`core_groups` re-marks every group it finds.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Iterable, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["mark_core_group", "core_groups", "group_of", "split_by_group"]
+
+GROUP_ATTR = "_tn_group"
+INDEX_ATTR = "_tn_core"
+_tokens = itertools.count(1)
+
+
+def mark_core_group(cores: Sequence[torch.Tensor]) -> int:
+    """Mark ``cores`` as one scale-invariant group; returns the group's token."""
+    token = next(_tokens)
+    for index, core in enumerate(cores):
+        setattr(core, GROUP_ATTR, token)
+        setattr(core, INDEX_ATTR, index)
+    return token
+
+
+def group_of(param: torch.Tensor):
+    """The group token of a core parameter, or ``None`` for a parameter in no group."""
+    return getattr(param, GROUP_ATTR, None)
+
+
+def core_groups(model: nn.Module) -> List[Tuple[str, List[nn.Parameter]]]:
+    """``[(module_name, [core, ...]), ...]`` for every module holding a core group, in module order.
+
+    A module holds a group when it defines ``core_parameters()`` (every tnlayers layer and
+    :class:`~tnlayers.FactorizedTensor` does). The markers of each group are refreshed, so the result
+    is right even after the model was deep-copied or its parameters replaced.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"core_groups expects an nn.Module, got {type(model).__name__}")
+    groups = []
+    for name, module in model.named_modules():
+        get_cores = getattr(module, "core_parameters", None)
+        if callable(get_cores):
+            cores = list(get_cores())
+            if [group_of(c) for c in cores] != [group_of(cores[0])] * len(cores) or group_of(cores[0]) is None:
+                mark_core_group(cores)
+            groups.append((name, cores))
+    return groups
+
+
+def split_by_group(params: Iterable[torch.Tensor]) -> Tuple[List[List[torch.Tensor]], List[torch.Tensor]]:
+    """Split parameters into core groups (in order of first appearance) and the rest."""
+    groups: dict = {}
+    rest = []
+    for p in params:
+        token = group_of(p)
+        if token is None:
+            rest.append(p)
+        else:
+            groups.setdefault(token, []).append(p)
+    return list(groups.values()), rest

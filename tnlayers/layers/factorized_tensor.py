@@ -1,0 +1,61 @@
+"""FactorizedTensor: a tensor of a given shape held in factorized form."""
+from __future__ import annotations
+
+from math import prod
+
+import torch
+
+from ..contract import expression
+from ..decompose import decompose
+from ..formats import check_modes, get_format
+from ..init import init_cores_
+from ..shapes import resolve_rank
+from .base import CoreModule, build_network
+
+__all__ = ["FactorizedTensor"]
+
+
+class FactorizedTensor(CoreModule):
+    """A ``shape`` tensor in ``format`` ("cp", "tucker", "tt", "tr") of rank ``rank``; ``forward()``
+    returns the full tensor, ``.cores`` the factors (one scale-invariant group).
+
+    ``rank``: int (uniform), a sequence (per bond; TT may be written ``[1, r1, ..., 1]``; Tucker per mode,
+    ``None`` = mode left unfactored), or a float in (0, 1]: the fraction of ``prod(shape)`` parameters.
+    Cores start random with the full tensor's entries of std ``std``.
+    """
+
+    def __init__(self, shape, format: str = "tucker", rank=None, *, std: float = 1.0, device=None, dtype=None):
+        super().__init__()
+        fmt = get_format(format)
+        modes = check_modes(shape)
+        roles = ("mode",) * len(modes)
+        rank = resolve_rank(rank, lambda r: fmt.network(modes, fmt.layer_rank(r, roles)).num_params, prod(modes))
+        self._init_cores(build_network(fmt, modes, rank, roles), device, dtype)
+        self._expr, _ = expression(self.network.equation(), tuple(self.network.shapes))
+        self.std = float(std)
+        self.reset_parameters()
+
+    @property
+    def shape(self):
+        return torch.Size(self.network.modes)
+
+    def reset_parameters(self) -> None:
+        init_cores_(self.cores, self.network, self.std)
+
+    def forward(self) -> torch.Tensor:
+        return self._expr(*self.cores)
+
+    to_tensor = forward
+
+    @classmethod
+    def from_tensor(cls, tensor: torch.Tensor, format: str = "tucker", rank=None, **options) -> "FactorizedTensor":
+        """Decompose ``tensor`` (TT-SVD, TR-SVD, CP-ALS or HOOI via tensorly) into a FactorizedTensor."""
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+        out = cls(tuple(tensor.shape), format, rank, std=float(tensor.float().std()) if tensor.numel() > 1 else 1.0,
+                  device=tensor.device, dtype=tensor.dtype if tensor.is_floating_point() else None)
+        out._load_cores(decompose(tensor, out.network, **options))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.network.modes)}, format={self.format!r}, ranks={self.ranks}"
