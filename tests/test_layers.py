@@ -322,3 +322,18 @@ def test_norm_deviation_matches_formula():
     assert abs(expected - pairwise) < 1e-6 * expected
     report = tnlayers.norm_report(nn.Sequential(layer, nn.ReLU(), TRConv2d(8, 8, 1, rank=2)))
     assert set(report) == {"0", "2"} and abs(report["0"] - expected) < 1e-6 * expected
+
+
+@pytest.mark.parametrize("cls,args,kwargs", ALL_LAYERS)
+@pytest.mark.parametrize("strategy", ["dense", "factorized"])
+def test_bf16_autocast_with_fp32_cores(cls, args, kwargs, strategy):
+    torch.manual_seed(0)
+    layer = cls(*args, rank=3, strategy=strategy, **kwargs)
+    x = _input(layer)
+    reference = layer(x).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert rel(y.float(), reference) < 3e-2
+    y.float().pow(2).sum().backward()
+    assert all(c.grad is not None and c.grad.dtype == torch.float32 for c in layer.cores)

@@ -35,6 +35,16 @@ def expression(equation: str, shapes: Tuple[Tuple[int, ...], ...]):
     return opt_einsum.contract_expression(equation, *shapes, optimize=path), int(info.opt_cost)
 
 
+def _under_autocast(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """Under autocast, give every operand the autocast dtype: torch.tensordot (which opt_einsum calls)
+    refuses mixed dtypes, and its first product would already come back in the lower precision."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return [t.to(dtype) if t.is_floating_point() else t for t in tensors]
+
+
 class _Plan:
     """What every layer plan shares: the modes' roles and the contraction of cores into the weight."""
 
@@ -53,7 +63,7 @@ class _Plan:
 
     def weight(self, cores: Sequence[torch.Tensor]) -> torch.Tensor:
         """Cores -> weight of shape (out, in, *spatial modes), out/in flattened row-major."""
-        w = self._weight_expr(*cores)
+        w = self._weight_expr(*_under_autocast(cores))
         return w.reshape(self.size(self.out_modes), self.size(self.in_modes), *w.shape[w.dim() - len(self.spatial_modes):])
 
 
@@ -77,7 +87,7 @@ class LinearPlan(_Plan):
         batch = x2d.shape[0]
         expr, _ = self._factorized_expr(batch)
         xs = x2d.reshape(batch, *(self.net.sizes[m] for m in self.in_modes))
-        return expr(xs, *cores).reshape(batch, self.size(self.out_modes))
+        return expr(*_under_autocast([xs, *cores])).reshape(batch, self.size(self.out_modes))
 
 
 class ConvPlan(_Plan):
@@ -134,6 +144,7 @@ class ConvPlan(_Plan):
     def factorized(self, x: torch.Tensor, cores: Sequence[torch.Tensor], conv_args: dict) -> torch.Tensor:
         """``x``: (B, C_in, H, W), already padded if the padding mode is not zeros."""
         batch, _, h, w = x.shape
+        x, *cores = _under_autocast([x, *cores])
         pick = lambda side: [cores[k] for k in self.sides[side]]  # noqa: E731
         t = self._in_expr(batch, h, w)[0](x.reshape(batch, *(self.net.sizes[m] for m in self.in_modes), h, w), *pick("in"))
         groups, n_pass = self.size(self.depth), self.size(self.pass_)

@@ -105,7 +105,7 @@ class TensorizedConv2d(TensorizedLayer):
         if self._strategy_for((batch, h, w), costs) == "dense":
             return F.conv2d(x, self.weight, self.bias, **self._conv_args)
         y = self.plan.factorized(x, list(self.cores), self._conv_args)
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)
 
     @classmethod
     def from_dense(cls, module: nn.Conv2d, *, rank, format: str | None = None, in_shape=None, out_shape=None,

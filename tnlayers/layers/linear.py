@@ -41,7 +41,7 @@ class TensorizedLinear(TensorizedLayer):
             return F.linear(x, self.weight, self.bias)
         y = self.plan.factorized(x.reshape(rows, self.in_features), list(self.cores))
         y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @classmethod
     def from_dense(cls, module: nn.Linear, *, rank, format: str | None = None, in_shape=None, out_shape=None,
