@@ -2,9 +2,9 @@
 
 Two ways to apply a tensorized layer to an input:
 - dense: contract the cores into the weight, then one ``F.linear``/``F.conv2d``;
-- factorized: contract the input through the cores. For a conv, cores holding input modes act as 1x1
-  maps, the cores holding the spatial modes (and mode-less cores such as a Tucker core) form a small
-  kernel applied by one conv, and cores holding output modes act as 1x1 maps after it. Bonds shared by
+- factorized: contract the input through the cores. For a conv, cores holding input modes form one 1x1
+  map (a small matrix), the cores holding the spatial modes (and mode-less cores such as a Tucker core) form a small
+  kernel applied by one conv, and cores holding output modes form the 1x1 map after it. Bonds shared by
   the input side, the kernel and the output side (CP's rank) make the conv depthwise (groups);
   bonds passing from input side to output side around the kernel (a tensor ring's closing bond) are
   folded into the batch.
@@ -25,7 +25,7 @@ from .formats.network import Network, einsum_equation, mode_label
 __all__ = ["expression", "LinearPlan", "ConvPlan"]
 
 STRATEGIES = ("auto", "dense", "factorized")
-_BATCH, _H, _W = "_batch", "_h", "_w"  # labels of the input's own axes (never clash with m*/r*)
+_BATCH = "_batch"  # label of the input's batch axis (never clashes with m*/r*)
 
 
 @lru_cache(maxsize=4096)
@@ -113,47 +113,46 @@ class ConvPlan(_Plan):
         self.depth = [b for b in bonds if b in held["in"] and b in held["out"] and b in held["kernel"]]
         self.into = [b for b in bonds if b in held["in"] and b in held["kernel"] and b not in held["out"]]
         self.outof = [b for b in bonds if b in held["out"] and b in held["kernel"] and b not in held["in"]]
-        kernel_cores = [net.cores[k] for k in sides["kernel"]]
-        kernel_eq = einsum_equation(kernel_cores, self.depth + self.outof + self.into + self.spatial_modes)
-        self._kernel_expr, self.kernel_cost = expression(kernel_eq, tuple(self.shapes[k] for k in sides["kernel"]))
-        mid = [*self.pass_, *self.depth]
-        self._in_eq = einsum_equation([(_BATCH, *self.in_modes, _H, _W)] + [net.cores[k] for k in sides["in"]],
-                                      (_BATCH, *mid, *self.into, _H, _W))
-        self._out_eq = einsum_equation([(_BATCH, *mid, *self.outof, _H, _W)] + [net.cores[k] for k in sides["out"]],
-                                       (_BATCH, *self.out_modes, _H, _W))
+        self.mid_in = [*self.pass_, *self.depth, *self.into]  # channels after the input-side map
+        self.mid_out = [*self.pass_, *self.depth, *self.outof]  # channels before the output-side map
+        # Each side contracts into one small matrix, applied to the NCHW input by a batched matmul:
+        # no permuted copies of the activations, whatever the number of cores on that side.
+        self._in_expr, self.in_cost = self._side(sides["in"], self.mid_in + self.in_modes)
+        self._out_expr, self.out_cost = self._side(sides["out"], self.out_modes + self.mid_out)
+        self._kernel_expr, self.kernel_cost = self._side(
+            sides["kernel"], self.depth + self.outof + self.into + self.spatial_modes)
 
-    def _in_expr(self, batch, h, w):
-        shape = (batch, *(self.net.sizes[m] for m in self.in_modes), h, w)
-        return expression(self._in_eq, (shape, *(self.shapes[k] for k in self.sides["in"])))
-
-    def _out_expr(self, batch, h_out, w_out):
-        shape = (batch, *(self.net.sizes[b] for b in self.pass_ + self.depth + self.outof), h_out, w_out)
-        return expression(self._out_eq, (shape, *(self.shapes[k] for k in self.sides["out"])))
+    def _side(self, cores, output):
+        eq = einsum_equation([self.net.cores[k] for k in cores], output)
+        return expression(eq, tuple(self.shapes[k] for k in cores))
 
     def costs(self, batch: int, h: int, w: int, h_out: int, w_out: int) -> Tuple[int, int]:
         """(dense, factorized) FLOP estimates for an input (batch, C_in, h, w) giving (h_out, w_out)."""
         taps = prod(self.kernel_size)
-        dense = self.weight_cost + 2 * batch * h_out * w_out * self.size(self.in_modes) * self.size(self.out_modes) * taps
+        c_in, c_out = self.size(self.in_modes), self.size(self.out_modes)
+        dense = self.weight_cost + 2 * batch * h_out * w_out * c_in * c_out * taps
         if not self.supported:
             return dense, None
-        in_cost, out_cost = self._in_expr(batch, h, w)[1], self._out_expr(batch, h_out, w_out)[1]
+        maps = 2 * batch * (h * w * c_in * self.size(self.mid_in) + h_out * w_out * self.size(self.mid_out) * c_out)
         conv = 2 * batch * self.size(self.pass_) * h_out * w_out * self.size(self.depth) \
             * self.size(self.outof) * self.size(self.into) * taps
-        return dense, in_cost + self.kernel_cost + conv + out_cost
+        return dense, self.in_cost + self.kernel_cost + self.out_cost + maps + conv
 
     def factorized(self, x: torch.Tensor, cores: Sequence[torch.Tensor], conv_args: dict) -> torch.Tensor:
         """``x``: (B, C_in, H, W), already padded if the padding mode is not zeros."""
-        batch, _, h, w = x.shape
+        batch, c_in, h, w = x.shape
         x, *cores = _under_autocast([x, *cores])
         pick = lambda side: [cores[k] for k in self.sides[side]]  # noqa: E731
-        t = self._in_expr(batch, h, w)[0](x.reshape(batch, *(self.net.sizes[m] for m in self.in_modes), h, w), *pick("in"))
-        groups, n_pass = self.size(self.depth), self.size(self.pass_)
-        t = t.reshape(batch * n_pass, groups * self.size(self.into), h, w)
+        m_in = self._in_expr(*pick("in")).reshape(self.size(self.mid_in), c_in)
+        t = torch.matmul(m_in, x.reshape(batch, c_in, h * w))  # (B, pass*depth*into, H*W)
+        groups = self.size(self.depth)
+        t = t.reshape(batch * self.size(self.pass_), groups * self.size(self.into), h, w)
         kernel = self._kernel_expr(*pick("kernel")).reshape(groups * self.size(self.outof), self.size(self.into),
                                                             *self.kernel_size)
         y = F.conv2d(t, kernel, None, groups=groups, **conv_args)
-        y = y.reshape(batch, *(self.net.sizes[b] for b in self.pass_ + self.depth + self.outof), *y.shape[-2:])
-        y = self._out_expr(batch, *y.shape[-2:])[0](y, *pick("out"))
-        return y.reshape(batch, self.size(self.out_modes), *y.shape[-2:])
+        h_out, w_out = y.shape[-2:]
+        m_out = self._out_expr(*pick("out")).reshape(self.size(self.out_modes), self.size(self.mid_out))
+        y = torch.matmul(m_out, y.reshape(batch, self.size(self.mid_out), h_out * w_out))
+        return y.reshape(batch, self.size(self.out_modes), h_out, w_out)
 
 
