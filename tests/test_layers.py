@@ -337,3 +337,17 @@ def test_bf16_autocast_with_fp32_cores(cls, args, kwargs, strategy):
     assert rel(y.float(), reference) < 3e-2
     y.float().pow(2).sum().backward()
     assert all(c.grad is not None and c.grad.dtype == torch.float32 for c in layer.cores)
+
+
+@pytest.mark.parametrize("cls,args,kwargs", ALL_LAYERS)
+def test_module_conversions_keep_the_layer_working(cls, args, kwargs):
+    torch.manual_seed(0)
+    layer = cls(*args, rank=3, **kwargs)
+    x = _input(layer)
+    expected = layer(x).double()
+    layer.to(torch.float64)
+    assert all(c.dtype == torch.float64 for c in layer.cores)
+    torch.testing.assert_close(layer(x.double()), expected, rtol=1e-5, atol=1e-6)
+    layer.float().train(False).requires_grad_(False)
+    assert layer(x).dtype == torch.float32
+    assert tnlayers.groups.group_of(layer.cores[0]) is not None

@@ -3,7 +3,7 @@
 A tensorized layer's weight is multilinear in its cores, so scaling one core by c and another by 1/c
 leaves the layer unchanged. Optimizers (SAM, DAS, BAR) and metrics work per such *group*. Each core
 parameter carries a small marker (``_tn_group``: a token unique to its layer, ``_tn_core``: its index in
-the group), so an optimizer handed plain ``model.parameters()`` can still tell the groups apart.
+the group, ``_tn_group_size``: how many cores the group has), so an optimizer handed plain ``model.parameters()`` can still tell the groups apart.
 
 Markers live on the parameter objects, which ``copy.deepcopy`` does not preserve; the layers re-mark
 themselves after unpickling/deepcopy, and :func:`core_groups` re-marks every group it finds.
@@ -20,6 +20,7 @@ __all__ = ["mark_core_group", "core_groups", "group_of", "split_by_group"]
 
 GROUP_ATTR = "_tn_group"
 INDEX_ATTR = "_tn_core"
+SIZE_ATTR = "_tn_group_size"
 _tokens = itertools.count(1)
 
 
@@ -29,6 +30,7 @@ def mark_core_group(cores: Sequence[torch.Tensor]) -> int:
     for index, core in enumerate(cores):
         setattr(core, GROUP_ATTR, token)
         setattr(core, INDEX_ATTR, index)
+        setattr(core, SIZE_ATTR, len(cores))
     return token
 
 

@@ -12,10 +12,12 @@ __all__ = ["squared_norms", "norm_deviation", "norm_report"]
 
 
 def squared_norms(cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """s_k = ||G_k||_F^2 for each core, as one fp32 vector (differentiable)."""
+    """s_k = ||G_k||_F^2 for each core, as one vector (differentiable): float64 if any core is float64,
+    else float32 (half and bf16 cores are summed in float32)."""
     if len(cores) == 0:
         raise ValueError("cores must hold at least one tensor")
-    return torch.stack([c.float().pow(2).sum() for c in cores])
+    dtype = torch.float64 if any(c.dtype == torch.float64 for c in cores) else torch.float32
+    return torch.stack([c.to(dtype).pow(2).sum() for c in cores])
 
 
 def norm_deviation(cores: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -90,10 +90,10 @@ class TensorizedConv2d(TensorizedLayer):
         if self._explicit_pad:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._pad, mode=mode)
-        y = self._apply(x)
+        y = self._conv(x)
         return y.squeeze(0) if unbatched else y
 
-    def _apply(self, x):
+    def _conv(self, x):
         batch, _, h, w = x.shape
         pad_h, pad_w = self._conv_args["padding"]
 

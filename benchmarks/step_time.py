@@ -1,0 +1,188 @@
+"""Median training-step time of SGD, SAM, DAS (and BAR) on a small tensorized CNN, as ratios to SGD.
+
+    python benchmarks/step_time.py                      # CPU, writes benchmarks/results/step_time_cpu.md
+    python benchmarks/step_time.py --device cuda --out benchmarks/results/step_time_cuda.md
+
+A training step is forward + backward + optimizer step (SAM: two forward/backward passes). Methods are
+timed in interleaved rounds, so a background load affects them alike; the median over all measured steps
+is reported. The optimizer-only columns time ``step()`` alone (for DAS the core rescale plus the base
+step), the part DAS adds to. Targets (issue 3): DAS ≤ 1.10× and SAM ≤ 2.1× SGD per training step.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import tnlayers  # noqa: E402
+from tnlayers.groups import core_groups  # noqa: E402
+from tnlayers.optim import BAR, DAS, SAM, disable_running_stats  # noqa: E402
+
+FORMATS = {"tucker": "TuckerConv2d", "tt": "TTConv2d", "tr": "TRConv2d", "cp": "CPConv2d"}
+
+
+def tensorized_cnn(fmt: str, width: int, blocks: int, rank: int, device, classes: int = 10) -> nn.Module:
+    """A plain stack of tensorized 3x3 convs with BatchNorm (a small CIFAR-style net, dense head).
+    Built on ``device`` directly (the stem's rank is capped at its 3 input channels)."""
+    conv = getattr(tnlayers, FORMATS[fmt])
+    layers = [conv(3, width, 3, padding=1, rank=min(rank, 3), device=device), nn.BatchNorm2d(width, device=device),
+              nn.ReLU()]
+    for _ in range(blocks):
+        layers += [conv(width, width, 3, padding=1, rank=rank, device=device), nn.BatchNorm2d(width, device=device),
+                   nn.ReLU()]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes, device=device)]
+    return nn.Sequential(*layers)
+
+
+def make_optimizer(method: str, params, total_steps: int):
+    base = dict(lr=0.05, momentum=0.9, weight_decay=1e-4)
+    if method == "SGD":
+        return torch.optim.SGD(params, **base)
+    if method == "SAM":
+        return SAM(params, torch.optim.SGD, rho=0.05, **base)
+    if method == "DAS":
+        return DAS(params, torch.optim.SGD, alpha=0.1, **base)
+    if method == "BAR":
+        return BAR(params, torch.optim.SGD, alpha=0.1, total_steps=total_steps, **base)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def training_step(model, opt, x, y, device) -> tuple:
+    """(whole step seconds, optimizer-step seconds)."""
+    synchronize(device)
+    start = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    if isinstance(opt, SAM):
+        opt.first_step()
+        with disable_running_stats(model):
+            F.cross_entropy(model(x), y).backward()
+    synchronize(device)
+    before_step = time.perf_counter()
+    opt.step()
+    synchronize(device)
+    end = time.perf_counter()
+    return end - start, end - before_step
+
+
+def machine_description(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, torch threads: {torch.get_num_threads()}"
+    if device.type == "cuda":
+        text += f", GPU {torch.cuda.get_device_name(device)}"
+    if hasattr(os, "getloadavg"):  # other work on a shared machine shifts all methods; interleaving evens it out
+        text += f"; load average {os.getloadavg()[0]:.1f} at the end of the run"
+    return text
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=gen).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
+    setups = {}
+    for method in args.methods:
+        torch.manual_seed(0)
+        model = tensorized_cnn(args.format, args.width, args.blocks, args.rank, device)
+        setups[method] = (model, make_optimizer(method, model.parameters(), args.warmup + args.rounds * args.steps))
+    for method, (model, opt) in setups.items():
+        for _ in range(args.warmup):
+            training_step(model, opt, x, y, device)
+    times = {m: ([], []) for m in args.methods}
+    for _ in range(args.rounds):
+        for method, (model, opt) in setups.items():
+            for _ in range(args.steps):
+                whole, step = training_step(model, opt, x, y, device)
+                times[method][0].append(whole)
+                times[method][1].append(step)
+    model = setups[args.methods[0]][0]
+    return {
+        "medians": {m: (statistics.median(w), statistics.median(s)) for m, (w, s) in times.items()},
+        "n_groups": len(core_groups(model)),
+        "n_cores": sum(len(c) for _, c in core_groups(model)),
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "samples": len(times[args.methods[0]][0]),
+    }
+
+
+def report(args, result) -> str:
+    device = torch.device(args.device)
+    medians = result["medians"]
+    sgd_whole, sgd_step = medians["SGD"]
+    lines = [
+        f"# Step time on {device.type.upper()}",
+        "",
+        f"- Machine: {machine_description(device)}",
+        f"- Command: `{' '.join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv)}`",
+        f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Model: {args.blocks + 1} x {FORMATS[args.format]} (width {args.width}, rank {args.rank}) + BatchNorm, "
+        f"dense head; {result['n_groups']} core groups, {result['n_cores']} cores, {result['n_params']} parameters",
+        f"- Batch {args.batch} x 3 x {args.size} x {args.size}; optimizers: SGD(lr 0.05, momentum 0.9, wd 1e-4); "
+        "SAM rho 0.05; DAS alpha 0.1; BAR alpha 0.1",
+        f"- Median over {result['samples']} steps per method ({args.rounds} interleaved rounds of {args.steps}, "
+        f"after {args.warmup} warm-up steps)",
+        "",
+        "| method | training step (ms) | x SGD | optimizer step (ms) | x SGD step |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for method, (whole, step) in medians.items():
+        lines.append(f"| {method} | {whole * 1e3:.2f} | {whole / sgd_whole:.2f} | {step * 1e3:.3f} | "
+                     f"{step / sgd_step:.2f} |")
+    lines += ["", "Targets (issue 3): DAS <= 1.10x SGD, SAM <= 2.1x SGD per training step. The optimizer-step "
+              "column for SAM is its second_step (restore + base step); its first_step sits in the whole step."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--format", default="tucker", choices=sorted(FORMATS))
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--blocks", type=int, default=5, help="tensorized convs after the stem")
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads; 1 gives steadier CPU timings on a shared machine")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=2, help="steps per method per round")
+    parser.add_argument("--methods", nargs="+", default=["SGD", "SAM", "DAS", "BAR"])
+    parser.add_argument("--out", default=None, help="markdown file (default: benchmarks/results/step_time_<device>.md)")
+    args = parser.parse_args(argv)
+    if "SGD" not in args.methods:
+        args.methods = ["SGD"] + args.methods
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    text = report(args, run(args))
+    print(text)
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"step_time_{torch.device(args.device).type}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Plumbing shared by the optimizer wrappers: argument checks, alpha schedules, the base-optimizer wrapper
+and the BatchNorm helper.
+
+The wrappers follow one pattern (davda54/sam, timm Lookahead): the wrapper *is* a ``torch.optim.Optimizer``
+whose ``param_groups`` and ``state`` are the base optimizer's own objects. LR schedulers, ``zero_grad`` and
+GradScaler therefore see a single list of groups, and a checkpoint holds a single state.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Dict, Iterator, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["disable_running_stats"]
+
+ALPHA_SCHEDULES = ("constant", "linear", "cosine")
+# Key under which a wrapper's own counters travel inside the base optimizer's state_dict.
+EXTRA_STATE_KEY = "tnlayers"
+
+
+def check_non_negative(name: str, value: Any) -> float:
+    """``value`` as a float, or a ValueError/TypeError that names the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value: Any, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_schedule(schedule: str, total_steps: Optional[int]) -> None:
+    check_choice("alpha_schedule", schedule, ALPHA_SCHEDULES)
+    if schedule != "constant":
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+            raise ValueError(f"alpha_schedule={schedule!r} needs total_steps, a positive int; got {total_steps!r}")
+
+
+def schedule_factor(schedule: str, step: int, total_steps: Optional[int]) -> float:
+    """Multiplier of alpha at ``step`` (0-based): 1 at step 0, decaying to 0 at ``total_steps`` (no warm-up,
+    as in the DAS authors' released code), and 0 after it."""
+    if schedule == "constant":
+        return 1.0
+    progress = min(step, total_steps) / total_steps
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_base_optimizer(base_optimizer: Any, base_kwargs: Dict[str, Any]) -> str:
+    """``"class"`` or ``"instance"``; a TypeError naming ``base_optimizer`` for anything else."""
+    if isinstance(base_optimizer, torch.optim.Optimizer):
+        if base_kwargs:
+            raise TypeError(
+                "base_optimizer is an already-built optimizer, so the keyword arguments "
+                f"{sorted(base_kwargs)} would be ignored; pass the optimizer class instead"
+            )
+        return "instance"
+    if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+        return "class"
+    raise TypeError(
+        "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) or an instance of one, "
+        f"got {base_optimizer!r}"
+    )
+
+
+def _param_ids(params) -> set:
+    """ids of the tensors in ``params`` given as a tensor, an iterable of tensors or of param-group dicts."""
+    if isinstance(params, torch.Tensor):
+        return {id(params)}
+    ids = set()
+    for item in params:
+        if isinstance(item, dict):
+            ids |= _param_ids(item["params"])
+        else:
+            ids.add(id(item))
+    return ids
+
+
+class WrappedOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that does extra work around a base optimizer's step.
+
+    ``base_optimizer`` is an optimizer class (built here on this wrapper's param groups, with
+    ``base_kwargs``) or an instance (whose param groups become this wrapper's; ``params`` is then ``None`` or
+    the same parameters). ``wrapper_defaults`` are this wrapper's per-group options (``rho``, ``alpha``...).
+    Subclasses keep counters that must survive a checkpoint in :meth:`_extra_state`.
+    """
+
+    def __init__(self, params, base_optimizer, wrapper_defaults: Dict[str, Any], base_kwargs: Dict[str, Any]):
+        kind = resolve_base_optimizer(base_optimizer, base_kwargs)
+        self._wrapper_defaults = dict(wrapper_defaults)
+        if kind == "instance":
+            if params is not None:
+                held = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+                if _param_ids(params) != held:
+                    raise ValueError("params must be None or exactly the parameters of the base_optimizer instance")
+            # The instance's group dicts are adopted (and given this wrapper's defaults) rather than copied,
+            # so the base optimizer keeps reading the same dicts.
+            super().__init__(base_optimizer.param_groups, self._wrapper_defaults)
+            self.base_optimizer = base_optimizer
+        else:
+            if params is None:
+                raise TypeError("params is required when base_optimizer is an optimizer class")
+            super().__init__(params, self._wrapper_defaults)
+            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self._link_base()
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # Optimizer.__getstate__ keeps only defaults/state/param_groups, which would drop the base optimizer
+        # (and this wrapper's options) from a pickled or deep-copied wrapper.
+        return self.__dict__.copy()
+
+    def _link_base(self) -> None:
+        """Share the base optimizer's groups and state (again after ``load_state_dict`` replaced them)."""
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults = {**self.base_optimizer.defaults, **self._wrapper_defaults}
+        self._param_groups_changed()
+
+    def _param_groups_changed(self) -> None:
+        """Hook for subclasses that cache anything derived from the param groups."""
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is None:  # called by Optimizer.__init__ before the base optimizer exists
+            super().add_param_group(param_group)
+            return
+        for key, value in self._wrapper_defaults.items():
+            param_group.setdefault(key, value)
+        base.add_param_group(param_group)
+        self._param_groups_changed()
+
+    def _extra_state(self) -> Dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, extra: Dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = self.base_optimizer.state_dict()
+        extra = self._extra_state()
+        if extra:
+            state[EXTRA_STATE_KEY] = extra
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop(EXTRA_STATE_KEY, {})
+        self.base_optimizer.load_state_dict(state_dict)
+        self._link_base()
+        self._load_extra_state(extra)
+
+
+def batchnorm_modules(model: nn.Module) -> Iterator[nn.modules.batchnorm._BatchNorm]:
+    return (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
+@contextlib.contextmanager
+def disable_running_stats(model: nn.Module):
+    """Within the block, BatchNorm layers of ``model`` normalize with batch statistics but leave
+    ``running_mean``, ``running_var`` and ``num_batches_tracked`` untouched.
+
+    Use it around SAM's second forward pass, so each step updates the running statistics once, from the
+    unperturbed weights. (Setting momentum to 0, the common trick, still counts the batch in
+    ``num_batches_tracked`` and breaks ``momentum=None``; not tracking for the pass does neither.)
+    """
+    modules = [m for m in batchnorm_modules(model) if m.track_running_stats]
+    for module in modules:
+        module.track_running_stats = False
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.track_running_stats = True
+
+
+AlphaLike = Any  # float or Callable[[int], float]
+
+
+def split_alpha(alpha: AlphaLike, alpha_schedule: str) -> tuple:
+    """``(group_default, alpha_fn)``: a float alpha is a per-group default, a callable one is global."""
+    if callable(alpha):
+        if alpha_schedule != "constant":
+            raise ValueError("alpha is a callable (its own schedule); alpha_schedule must then be 'constant'")
+        return None, alpha
+    return check_non_negative("alpha", alpha), None
+
+
+def alpha_at(group_alpha: Optional[float], alpha_fn: Optional[Callable[[int], float]], schedule: str,
+             step: int, total_steps: Optional[int]) -> float:
+    """The alpha one param group uses at ``step``."""
+    if group_alpha is None:
+        return check_non_negative(f"alpha({step})", alpha_fn(step))
+    return group_alpha * schedule_factor(schedule, step, total_steps)

@@ -1,0 +1,190 @@
+"""Vectorized per-core statistics and core rescaling, shared by DAS, BAR and the diagnostics.
+
+All cores of all groups are handled at once: two ``torch._foreach_norm`` calls give s_k = ||G_k||² and
+γ_k = ||g_k||², per-group means are segment sums (``index_add_``) over a precomputed group id per core, and
+the rescale is one ``torch._foreach_mul_``. Nothing reads a value back to the host, so a step never waits
+for the device. (A per-layer Python loop with ``.item()`` costs several times an SGD step on a ResNet's
+~200 small cores; see DESIGN.md §4.)
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..groups import INDEX_ATTR, SIZE_ATTR, group_of
+from ._common import (WrappedOptimizer, alpha_at, check_non_negative, check_schedule, split_alpha)
+
+
+def stat_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """float64 when any tensor is float64 (keeps float64 checks exact), else float32 (half/bf16 cores too)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def foreach_squared_norms(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """||t||_F² of each tensor as one vector, in one multi-tensor launch."""
+    return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=dtype)).square()
+
+
+class CoreLayout:
+    """The cores with a gradient this step, in one flat order, with the tensors that index them.
+
+    ``segment[k]`` is core k's group number (0..n_groups-1), ``counts[g]`` the group's core count and
+    ``param_group[k]`` the index of the param group holding core k (for its learning rate and alpha).
+    """
+
+    def __init__(self, cores: List[torch.Tensor], tokens: List[Any], param_group: List[int]):
+        self.cores = cores
+        numbers: Dict[Any, int] = {}
+        segment = [numbers.setdefault(token, len(numbers)) for token in tokens]
+        self.n_groups = len(numbers)
+        self.param_group_list = param_group
+        self.dtype = stat_dtype(cores)
+        device = cores[0].device
+        if any(c.device != device for c in cores):
+            raise ValueError("all cores handled by one optimizer must be on one device")
+        self.segment = torch.tensor(segment, dtype=torch.long, device=device)
+        self.counts = torch.bincount(self.segment, minlength=self.n_groups).to(self.dtype)
+        self.param_group = torch.tensor(param_group, dtype=torch.long, device=device)
+
+    def segment_sum(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(self.n_groups, dtype=values.dtype, device=values.device).index_add_(
+            0, self.segment, values)
+
+    def segment_mean(self, values: torch.Tensor) -> torch.Tensor:
+        return self.segment_sum(values) / self.counts
+
+    def stats(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(s, γ): squared norms of the cores and of their gradients (one multi-tensor reduction)."""
+        both = foreach_squared_norms(self.cores + [c.grad for c in self.cores], self.dtype)
+        return both[:len(self.cores)], both[len(self.cores):]
+
+
+class CoreIndex:
+    """Which parameters of an optimizer are cores, and of which group; layouts cached per grad pattern.
+
+    Cores are found by the group markers the layers set (``tnlayers.groups``), so plain
+    ``model.parameters()`` works. Only the cores that have a gradient at a step take part in it (a core
+    without one is neither rescaled nor counted in its group's means); the layout for each such pattern is
+    built once.
+    """
+
+    def __init__(self, param_groups: Sequence[Dict[str, Any]]):
+        self.cores: List[torch.Tensor] = []
+        self.tokens: List[Any] = []
+        self.param_group: List[int] = []
+        for index, group in enumerate(param_groups):
+            for p in group["params"]:
+                token = group_of(p)
+                if token is not None:
+                    self.cores.append(p)
+                    self.tokens.append(token)
+                    self.param_group.append(index)
+        self._layouts: Dict[Tuple[bool, ...], Optional[CoreLayout]] = {}
+        self._warn_about_partial_groups()
+
+    def _warn_about_partial_groups(self) -> None:
+        """A group is scale-invariant only as a whole: rescaling some of its cores changes the layer."""
+        positions: Dict[Any, List[int]] = {}
+        sizes: Dict[Any, int] = {}
+        for core, token in zip(self.cores, self.tokens):
+            positions.setdefault(token, []).append(getattr(core, INDEX_ATTR, -1))
+            sizes[token] = getattr(core, SIZE_ATTR, None)
+        partial = [sorted(p) for t, p in positions.items()
+                   if sorted(p) != list(range(sizes[t] if sizes[t] is not None else len(p)))]
+        if partial:
+            warnings.warn(f"{len(partial)} core group(s) are only partly in this optimizer (core indices "
+                          f"{partial[0]}, ...); their cores are balanced among the ones present", stacklevel=4)
+
+    def layout(self) -> Optional[CoreLayout]:
+        """The layout of the cores that have a gradient now, or None when none has."""
+        has_grad = tuple(c.grad is not None for c in self.cores)
+        if has_grad not in self._layouts:
+            chosen = [i for i, flag in enumerate(has_grad) if flag]
+            self._layouts[has_grad] = CoreLayout(
+                [self.cores[i] for i in chosen], [self.tokens[i] for i in chosen],
+                [self.param_group[i] for i in chosen]) if chosen else None
+        return self._layouts[has_grad]
+
+
+class CoreScalingOptimizer(WrappedOptimizer):
+    """Base of DAS and BAR: per step, G_k ← (1+λ_k)·G_k for every core, then the base optimizer's step.
+
+    λ_k = η·α·(subclass-specific factor), with η the core's param-group learning rate *now* (so LR
+    schedulers apply) and α the group's alpha at the current step. Subclasses implement :meth:`_lambdas`.
+    A step counter (used by alpha schedules) is saved in ``state_dict``. Cores whose λ would be
+    non-finite are left alone.
+    """
+
+    def __init__(self, params, base_optimizer, alpha, alpha_schedule: str, total_steps: Optional[int],
+                 defaults: Dict[str, Any], base_kwargs: Dict[str, Any]):
+        check_schedule(alpha_schedule, total_steps)
+        group_alpha, self._alpha_fn = split_alpha(alpha, alpha_schedule)
+        self.alpha_schedule = alpha_schedule
+        self.total_steps = total_steps
+        self.steps_taken = 0
+        self._core_index: Optional[CoreIndex] = None
+        self.last_lambdas: Optional[Tuple[List[torch.Tensor], torch.Tensor]] = None
+        super().__init__(params, base_optimizer, {"alpha": group_alpha, **defaults}, base_kwargs)
+
+    def _param_groups_changed(self) -> None:
+        for group in self.param_groups:
+            if group.get("alpha") is not None:
+                group["alpha"] = check_non_negative("alpha", group["alpha"])
+            elif self._alpha_fn is None:
+                raise ValueError("a param group has alpha=None but no callable alpha was given")
+            if "lr" not in group:
+                raise ValueError(f"{type(self).__name__} needs a base optimizer whose param groups have an 'lr'")
+        self._core_index = None
+
+    def _extra_state(self) -> Dict[str, Any]:
+        return {"steps_taken": self.steps_taken}
+
+    def _load_extra_state(self, extra: Dict[str, Any]) -> None:
+        self.steps_taken = int(extra.get("steps_taken", 0))
+
+    def _step_sizes(self, layout: CoreLayout):
+        """η·α per core: a Python float when all param groups agree (no tensor built), else a vector."""
+        per_group = [float(g["lr"]) * alpha_at(g.get("alpha"), self._alpha_fn, self.alpha_schedule,
+                                              self.steps_taken, self.total_steps)
+                     for g in self.param_groups]
+        used = {per_group[i] for i in set(layout.param_group_list)}
+        if len(used) == 1:
+            return used.pop()
+        table = torch.tensor(per_group, dtype=layout.dtype, device=layout.segment.device)
+        return table[layout.param_group]
+
+    def _lambdas(self, layout: CoreLayout, s: torch.Tensor, gamma: torch.Tensor, step_size) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _rescale_cores(self) -> None:
+        self.last_lambdas = None
+        if self._core_index is None:
+            self._core_index = CoreIndex(self.param_groups)
+        layout = self._core_index.layout()
+        if layout is None:
+            return
+        step_size = self._step_sizes(layout)
+        if isinstance(step_size, float) and step_size == 0.0:
+            return  # alpha or lr is 0: leave the cores bit-for-bit untouched, at no cost
+        s, gamma = layout.stats()
+        lambdas = self._lambdas(layout, s, gamma, step_size)
+        lambdas = torch.where(torch.isfinite(lambdas), lambdas, 0.0)
+        torch._foreach_mul_(layout.cores, list((1.0 + lambdas).unbind(0)))
+        self.last_lambdas = (layout.cores, lambdas)
+
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """Rescale the cores, then take the base optimizer's step with the unchanged gradients.
+
+        With a closure, it is called first (with grad enabled) to compute the loss and gradients.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._rescale_cores()
+        self.base_optimizer.step()
+        self.steps_taken += 1
+        return loss

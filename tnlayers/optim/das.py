@@ -1,0 +1,80 @@
+"""Deviation-Aware Scaling (DAS; arXiv 2508.10435, Algorithm 2): SAM's norm balancing of tensor cores
+without SAM's second forward/backward pass. Formulas: DESIGN.md §2.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+
+from ._common import check_choice
+from ._cores import CoreLayout, CoreScalingOptimizer
+
+__all__ = ["DAS"]
+
+NORMALIZATIONS = ("global", "layer")
+DENOMINATORS = ("squared", "norm")
+BACKENDS = ("auto", "torch", "triton")
+
+
+class DAS(CoreScalingOptimizer):
+    r"""Deviation-Aware Scaling around any ``torch.optim`` optimizer.
+
+    Each step, for every core group (the cores of one tensorized layer) with K cores:
+
+        ḡ = mean_k γ_k,   λ_k = η α u (γ_k − ḡ) / s_k,   G_k ← (1 + λ_k) G_k
+
+    then the base optimizer steps with the unchanged gradients. s_k = ||G_k||², γ_k = ||g_k||², η is the
+    current ``lr`` of the core's param group. Cores with a large gradient norm grow and small ones shrink,
+    which is the first-order effect SAM has on the norm deviation Q (Theorem 3); one forward/backward per
+    step. Parameters that are not cores (biases, BatchNorm, dense layers) only take the base step.
+
+    Args:
+        params: ``model.parameters()`` (core groups are recognized by the markers the tnlayers layers set)
+            or param-group dicts; a group may set its own ``alpha``. ``None`` when ``base_optimizer`` is an
+            instance.
+        base_optimizer: an optimizer class, built on these param groups with ``**base_kwargs``, or an
+            already-built instance.
+        alpha: DAS strength α ≥ 0 (paper: 0.001–0.1 for CNNs, 0.1–2 for adapters), or a callable
+            ``step -> alpha`` (``step`` counts from 0). ``alpha=0`` reproduces the base optimizer exactly.
+        normalization: ``"global"``: u = (Σ over all cores of all groups γ)^(-1/2), SAM's u_D (Theorem 5,
+            the multi-layer case); ``"layer"``: u = (K ḡ)^(-1/2) per group, Algorithm 2 as printed.
+        denominator: ``"squared"``: divide by s_k = ||G_k||² (Algorithm 2); ``"norm"``: by ||G_k||, as in
+            the authors' released CNN/adapter code.
+        alpha_schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` decay of α from its value at step 0
+            to 0 at ``total_steps`` (no warm-up, as the released code).
+        backend: ``"auto"`` (currently the torch implementation), ``"torch"``, or ``"triton"`` (fused
+            kernels, not available yet).
+
+    Guards: a group whose ḡ is 0 or non-finite, or a core with s_k = 0 (a zero-initialized adapter core),
+    is not rescaled; nothing non-finite is ever written into a core. A core without a gradient this step
+    is neither rescaled nor counted. Under ``torch.amp.GradScaler``, a step it skips is not taken at all,
+    so the cores are not rescaled either. The λ applied last are in ``last_lambdas`` (cores, vector).
+    """
+
+    def __init__(self, params, base_optimizer, alpha: Union[float, Callable[[int], float]] = 0.01,
+                 normalization: str = "global", denominator: str = "squared",
+                 alpha_schedule: str = "constant", total_steps: Optional[int] = None,
+                 backend: str = "auto", **base_kwargs):
+        self.normalization = check_choice("normalization", normalization, NORMALIZATIONS)
+        self.denominator = check_choice("denominator", denominator, DENOMINATORS)
+        check_choice("backend", backend, BACKENDS)
+        if backend == "triton":
+            raise NotImplementedError(
+                "DAS backend='triton' (fused kernels) is not available yet; use backend='torch' or 'auto'")
+        self.backend = "torch"
+        super().__init__(params, base_optimizer, alpha, alpha_schedule, total_steps, {}, base_kwargs)
+
+    def _lambdas(self, layout: CoreLayout, s: torch.Tensor, gamma: torch.Tensor, step_size) -> torch.Tensor:
+        group_sum = layout.segment_sum(gamma)
+        group_ok = torch.isfinite(group_sum) & (group_sum > 0)
+        if self.normalization == "global":
+            # Only groups with usable gradients count, so one overflowing layer cannot zero every λ.
+            u = torch.where(group_ok, group_sum, 0.0).sum().rsqrt()
+        else:
+            u = group_sum.rsqrt()[layout.segment]
+        gamma_mean = (group_sum / layout.counts)[layout.segment]
+        denominator = s if self.denominator == "squared" else s.sqrt()
+        lambdas = step_size * u * (gamma - gamma_mean) / denominator
+        # Non-finite λ (from a non-finite s_k) are zeroed by the caller.
+        return torch.where(group_ok[layout.segment] & (s > 0), lambdas, 0.0)

@@ -1,0 +1,151 @@
+"""Sharpness-Aware Minimization (Foret et al. 2021, Algorithm 1; DAS paper Algorithm 1), with ASAM's
+adaptive perturbation, as a drop-in ``torch.optim`` optimizer.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional
+
+import torch
+
+from ._common import WrappedOptimizer, check_non_negative
+from ._cores import stat_dtype
+
+__all__ = ["SAM"]
+
+
+class SAM(WrappedOptimizer):
+    r"""SAM around any ``torch.optim`` optimizer.
+
+    One step: g = ∇f(w); w̃ = w + ρ·g/||g|| (``adaptive=True``: w̃ = w + ρ·|w|²g/|| |w|g ||, ASAM);
+    g̃ = ∇f(w̃); restore w; base step with g̃. ||·|| runs over all parameters of the optimizer; ρ and
+    ``adaptive`` may be set per param group.
+
+    Two ways to drive it:
+
+    * ``opt.step(closure)``: ``closure`` computes the loss and calls ``backward()`` (it may zero the
+      gradients first, as Lightning's does); it is called at w (its loss is returned, as in ``torch.optim``)
+      and at w̃. This is the ``torch.optim`` contract that PyTorch Lightning and HF Trainer rely on.
+    * ``loss.backward(); opt.first_step(); loss2.backward(); opt.second_step()`` (``opt.step()`` without a
+      closure equals ``second_step()``), which leaves room for gradient clipping or ``no_sync`` between.
+
+    ``first_step`` zeroes the gradients (``zero_grad=True``) so the second backward starts clean. Wrap the
+    second forward in :func:`~tnlayers.optim.disable_running_stats` so BatchNorm statistics are updated once.
+
+    AMP: with ``torch.amp.GradScaler``, call ``first_step()`` on the *scaled* gradients (the direction
+    g/||g|| does not depend on the scale, so nothing is unscaled twice) and ``scaler.step(opt)`` after the
+    second backward (``scaler.unscale_(opt)`` before it if you clip). The scaler then always reaches
+    ``step()``: w is restored in every case, and the base step is skipped when either pass had an inf/NaN
+    gradient. A non-finite first-pass gradient never reaches w̃ (the perturbation is then zero); instead
+    ``first_step`` seeds one second-pass gradient with NaN, so the scaler skips and backs off as for any
+    overflow (without a scaler, the base step then sees a NaN gradient, as a plain optimizer would).
+
+    The perturbation lives only between ``first_step`` and ``second_step`` and is never in ``state_dict``.
+    """
+
+    # GradScaler then calls step() even on an overflow (with ``found_inf``/``grad_scale`` attributes set),
+    # so the weights are restored from w̃ on skipped steps too.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, eps: float = 1e-12,
+                 **base_kwargs):
+        rho = check_non_negative("rho", rho)
+        self.eps = check_non_negative("eps", eps)
+        self._perturbed: Optional[List[torch.Tensor]] = None
+        self._saved: Optional[List[torch.Tensor]] = None
+        self._first_pass_finite: Optional[torch.Tensor] = None
+        super().__init__(params, base_optimizer, {"rho": rho, "adaptive": bool(adaptive)}, base_kwargs)
+
+    def _param_groups_changed(self) -> None:
+        for group in self.param_groups:
+            group["rho"] = check_non_negative("rho", group["rho"])
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = True) -> None:
+        """Move the weights to w̃ = w + e(w), remembering w; then (by default) zero the gradients."""
+        if self._saved is not None:
+            raise RuntimeError("SAM.first_step() called twice without second_step() in between")
+        per_group = [[p for p in g["params"] if p.grad is not None] for g in self.param_groups]
+        params = [p for ps in per_group for p in ps]
+        if not params:
+            raise RuntimeError("SAM.first_step(): no parameter has a gradient; call backward() first")
+        # |w|·g for adaptive groups, g otherwise: the vector whose norm normalizes the perturbation.
+        scaled = []
+        for group, ps in zip(self.param_groups, per_group):
+            grads = [p.grad for p in ps]
+            scaled.append(torch._foreach_mul(grads, torch._foreach_abs(ps)) if group["adaptive"] else grads)
+        flat = [t for ts in scaled for t in ts]
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack(torch._foreach_norm(flat, 2, dtype=stat_dtype(flat))))
+        self._first_pass_finite = torch.isfinite(grad_norm)
+
+        saved = [p.detach().clone() for p in params]
+        for group, ps, ts in zip(self.param_groups, per_group, scaled):
+            if not ps:
+                continue
+            scale = group["rho"] / (grad_norm + self.eps)
+            # A non-finite gradient gives no perturbation rather than writing inf/NaN into the weights:
+            # the scale is 0 then, and the entries 0·inf = NaN are zeroed (no host read needed to decide).
+            scale = torch.where(self._first_pass_finite, scale, torch.zeros_like(scale))
+            perturbation = torch._foreach_mul(ts, scale)
+            if group["adaptive"]:
+                torch._foreach_mul_(perturbation, torch._foreach_abs(ps))
+            for e in perturbation:
+                torch.nan_to_num_(e, nan=0.0, posinf=0.0, neginf=0.0)
+            torch._foreach_add_(ps, perturbation)
+        self._perturbed, self._saved = params, saved
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+            # A non-finite first pass must make the whole step non-finite: one gradient of the second pass
+            # starts at NaN instead of 0, so GradScaler skips the step *and lowers its scale* (it never saw
+            # the first pass). Decided on the device, without a host read.
+            flag = params[0].grad = torch.zeros_like(params[0])
+            flag.add_(torch.where(self._first_pass_finite, 0.0, float("nan")).to(flag.dtype))
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        if self._saved is None:
+            raise RuntimeError("SAM.second_step()/step() without a closure needs first_step() first")
+        torch._foreach_copy_(self._perturbed, self._saved)
+        self._perturbed = self._saved = None
+
+    def _skip_for_amp(self) -> bool:
+        """Under GradScaler (which set ``found_inf``/``grad_scale``): unscale, or say the step is skipped."""
+        found_inf = self.__dict__.get("found_inf")
+        if found_inf is None:
+            return False
+        skip = found_inf != 0
+        if self._first_pass_finite is not None:
+            skip = skip | ~self._first_pass_finite.to(skip.device)
+        if bool(skip):  # one host read per step, as GradScaler's own skip test makes
+            return True
+        grad_scale = self.__dict__.get("grad_scale")
+        if grad_scale is not None:  # the scaler left the gradients scaled (no unscale_ before step)
+            inv_scale = grad_scale.double().reciprocal().float()
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            torch._foreach_mul_(grads, inv_scale.to(grads[0].device))
+        return False
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore w and take the base optimizer's step with the gradients computed at w̃."""
+        self._restore()
+        skip = self._skip_for_amp()
+        self._first_pass_finite = None
+        if not skip:
+            self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """With ``closure``: a whole SAM step (two closure calls); returns the loss at w.
+        Without: the second half, after ``first_step()`` and the second backward."""
+        if closure is None:
+            self.second_step()
+            return None
+        with torch.enable_grad():
+            loss = closure()
+        self.first_step(zero_grad=True)
+        with torch.enable_grad():
+            closure()
+        self.second_step()
+        return loss
