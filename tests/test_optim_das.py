@@ -297,7 +297,6 @@ def test_base_optimizer_instance_is_adopted():
     (dict(normalization="per-core"), ValueError, "normalization"),
     (dict(denominator="cubed"), ValueError, "denominator"),
     (dict(backend="cuda"), ValueError, "backend"),
-    (dict(backend="triton"), NotImplementedError, "triton"),
     (dict(alpha_schedule="linear"), ValueError, "total_steps"),
     (dict(alpha_schedule="step", total_steps=3), ValueError, "alpha_schedule"),
     (dict(alpha=lambda t: 0.1, alpha_schedule="cosine", total_steps=3), ValueError, "alpha_schedule"),

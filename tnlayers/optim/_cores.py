@@ -184,7 +184,12 @@ class CoreScalingOptimizer(WrappedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._rescale_cores()
-        self.base_optimizer.step()
+        if not self._fused_step():
+            self._rescale_cores()
+            self.base_optimizer.step()
         self.steps_taken += 1
         return loss
+
+    def _fused_step(self) -> bool:
+        """Rescale and step in fused kernels where a subclass can; False: take the torch path."""
+        return False

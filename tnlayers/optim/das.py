@@ -8,7 +8,9 @@ from typing import Callable, Optional, Union
 import torch
 
 from ._common import check_choice
-from ._cores import CoreLayout, CoreScalingOptimizer
+from ..kernels import triton_available
+from ._cores import CoreIndex, CoreLayout, CoreScalingOptimizer
+from ._fused import FusedDASStep
 
 __all__ = ["DAS"]
 
@@ -43,8 +45,10 @@ class DAS(CoreScalingOptimizer):
             the authors' released CNN/adapter code.
         alpha_schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` decay of α from its value at step 0
             to 0 at ``total_steps`` (no warm-up, as the released code).
-        backend: ``"auto"`` (currently the torch implementation), ``"torch"``, or ``"triton"`` (fused
-            kernels, not available yet).
+        backend: ``"torch"``: vectorized torch ops (``_foreach``); ``"triton"``: two fused kernel launches
+            per step (reduction, then rescale fused with an SGD/AdamW update; other base optimizers get the
+            rescale fused and their own step), on CUDA tensors or, for tests, CPU tensors under
+            ``TRITON_INTERPRET=1``; ``"auto"``: triton for CUDA cores when triton is installed, else torch.
 
     Guards: a group whose ḡ is 0 or non-finite, or a core with s_k = 0 (a zero-initialized adapter core),
     is not rescaled; nothing non-finite is ever written into a core. A core without a gradient this step
@@ -58,11 +62,10 @@ class DAS(CoreScalingOptimizer):
                  backend: str = "auto", **base_kwargs):
         self.normalization = check_choice("normalization", normalization, NORMALIZATIONS)
         self.denominator = check_choice("denominator", denominator, DENOMINATORS)
-        check_choice("backend", backend, BACKENDS)
-        if backend == "triton":
-            raise NotImplementedError(
-                "DAS backend='triton' (fused kernels) is not available yet; use backend='torch' or 'auto'")
-        self.backend = "torch"
+        self.backend = check_choice("backend", backend, BACKENDS)
+        if backend == "triton" and not triton_available():
+            raise RuntimeError("DAS backend='triton' needs the triton package (pip install 'tnlayers[triton]')")
+        self._fused = FusedDASStep()
         super().__init__(params, base_optimizer, alpha, alpha_schedule, total_steps, {}, base_kwargs)
 
     def _lambdas(self, layout: CoreLayout, s: torch.Tensor, gamma: torch.Tensor, step_size) -> torch.Tensor:
@@ -78,3 +81,22 @@ class DAS(CoreScalingOptimizer):
         lambdas = step_size * u * (gamma - gamma_mean) / denominator
         # Non-finite λ (from a non-finite s_k) are zeroed by the caller.
         return torch.where(group_ok[layout.segment] & (s > 0), lambdas, 0.0)
+
+    def _fused_step(self) -> bool:
+        if self.backend == "torch":
+            return False
+        if self._core_index is None:
+            self._core_index = CoreIndex(self.param_groups)
+        layout = self._core_index.layout()
+        if layout is None:
+            return False
+        reason = FusedDASStep.unsupported(layout, forced=self.backend == "triton")
+        if reason is not None:
+            if self.backend == "triton":
+                raise RuntimeError(f"DAS backend='triton' needs {reason}; use backend='torch' or 'auto'")
+            return False  # auto: CPU tensors, float64 cores, ...
+        step_size = self._step_sizes(layout)
+        self.last_lambdas = None
+        if isinstance(step_size, float) and step_size == 0.0:
+            return False  # alpha or lr is 0: the torch path leaves the cores bit-for-bit untouched
+        return self._fused(self, layout, step_size)
