@@ -92,7 +92,7 @@ def demo(args) -> dict:
             accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
         q = tnlayers.norm_report(model)
         rows.append(dict(model=model_name, optimizer=opt_name, params=sum(p.numel() for p in model.parameters()),
-                         test_accuracy=accuracy, final_loss=float(loss), step_ms=step_ms,
+                         test_accuracy=accuracy, final_loss=float(loss.detach()), step_ms=step_ms,
                          mean_Q=sum(q.values()) / len(q) if q else None))
     dense_params = rows[0]["params"]
     print(f"\ntnlayers {tnlayers.__version__} demo: small CNNs on scikit-learn's digits "
@@ -104,7 +104,8 @@ def demo(args) -> dict:
               f"{100 * r['test_accuracy']:>9.1f}%{r['step_ms']:>9.2f}{q:>10}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(args=vars(args), rows=rows), f, indent=2)
+            settings = {k: v for k, v in vars(args).items() if k != "func"}
+            json.dump(dict(args=settings, rows=rows), f, indent=2)
         print(f"results written to {args.out}")
     return dict(rows=rows)
 
