@@ -46,6 +46,29 @@ def tensorized_cnn(fmt: str, width: int, blocks: int, rank: int, device, classes
     return nn.Sequential(*layers)
 
 
+# the paper's tensorized ResNets (tnlayers.models / tensorize), besides the small CNN above
+PAPER_MODELS = {
+    "tr_resnet20": lambda: tnlayers.models.tr_resnet20(rank=15),
+    "tr_resnet32": lambda: tnlayers.models.tr_resnet32(rank=15),
+    "cp_resnet20": lambda: tnlayers.tensorize(tnlayers.models.resnet20(), format="cp", rank=0.2),
+    "tt_resnet18": lambda: tnlayers.models.tt_resnet18(),
+}
+
+
+def build_model(args, device) -> nn.Module:
+    if args.model == "cnn":
+        return tensorized_cnn(args.format, args.width, args.blocks, args.rank, device)
+    return PAPER_MODELS[args.model]().to(device)
+
+
+def describe_model(args) -> str:
+    if args.model == "cnn":
+        return f"{args.blocks + 1} x {FORMATS[args.format]} (width {args.width}, rank {args.rank}) + BatchNorm, dense head"
+    return {"tr_resnet20": "TR-ResNet-20, rank 15, Table 8 shapes", "tr_resnet32": "TR-ResNet-32, rank 15, Table 8 shapes",
+            "cp_resnet20": "CP-ResNet-20, 20% of each conv's parameters", "tt_resnet18": "TT-ResNet-18, Table 9 ranks"
+            }[args.model]
+
+
 def make_optimizer(method: str, params, total_steps: int):
     base = dict(lr=0.05, momentum=0.9, weight_decay=1e-4)
     if method == "SGD":
@@ -105,7 +128,7 @@ def run(args) -> dict:
     setups = {}
     for method in args.methods:
         torch.manual_seed(0)
-        model = tensorized_cnn(args.format, args.width, args.blocks, args.rank, device)
+        model = build_model(args, device)
         setups[method] = (model, make_optimizer(method, model.parameters(), args.warmup + args.rounds * args.steps))
     for method, (model, opt) in setups.items():
         for _ in range(args.warmup):
@@ -137,8 +160,8 @@ def report(args, result) -> str:
         f"- Machine: {machine_description(device)}",
         f"- Command: `{' '.join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv)}`",
         f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- Model: {args.blocks + 1} x {FORMATS[args.format]} (width {args.width}, rank {args.rank}) + BatchNorm, "
-        f"dense head; {result['n_groups']} core groups, {result['n_cores']} cores, {result['n_params']} parameters",
+        f"- Model: {describe_model(args)}; {result['n_groups']} core groups, {result['n_cores']} cores, "
+        f"{result['n_params']} parameters",
         f"- Batch {args.batch} x 3 x {args.size} x {args.size}; optimizers: SGD(lr 0.05, momentum 0.9, wd 1e-4); "
         "SAM rho 0.05; DAS alpha 0.1; BAR alpha 0.1",
         f"- Median over {result['samples']} steps per method ({args.rounds} interleaved rounds of {args.steps}, "
@@ -150,7 +173,7 @@ def report(args, result) -> str:
     for method, (whole, step) in medians.items():
         lines.append(f"| {method} | {whole * 1e3:.2f} | {whole / sgd_whole:.2f} | {step * 1e3:.3f} | "
                      f"{step / sgd_step:.2f} |")
-    lines += ["", "Targets (issue 3): DAS <= 1.10x SGD, SAM <= 2.1x SGD per training step. The optimizer-step "
+    lines += ["", "Targets (issues 3, 6): DAS <= 1.10x SGD, SAM <= 2.1x (1.8-2.2x) SGD per training step. The optimizer-step "
               "column for SAM is its second_step (restore + base step); its first_step sits in the whole step."]
     return "\n".join(lines) + "\n"
 
@@ -158,7 +181,9 @@ def report(args, result) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--format", default="tucker", choices=sorted(FORMATS))
+    parser.add_argument("--model", default="cnn", choices=["cnn", *PAPER_MODELS],
+                        help="cnn: the small stack below; or one of the paper's tensorized ResNets")
+    parser.add_argument("--format", default="tucker", choices=sorted(FORMATS), help="for --model cnn")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--blocks", type=int, default=5, help="tensorized convs after the stem")
     parser.add_argument("--rank", type=int, default=4)
@@ -178,7 +203,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     text = report(args, run(args))
     print(text)
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"step_time_{torch.device(args.device).type}.md"
+    tag = torch.device(args.device).type + ("" if args.model == "cnn" else f"_{args.model}")
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"step_time_{tag}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"written to {out}")
