@@ -39,3 +39,16 @@ def test_missing_cifar_says_so_clearly(tmp_path):
         train_cifar.main(["--data-dir", str(tmp_path), "--epochs", "1"])
     with pytest.raises(SystemExit):
         train_cifar.parse_args(["--label-noise", "1.5"])
+
+
+def test_compress_resnet18_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("compress_resnet18", PATH.parent / "compress_resnet18.py")
+    compress = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compress)
+    with pytest.warns(UserWarning, match="no --weights"):
+        result = compress.main(["--dataset", "synthetic", "--only", "layer1.*", "--max-steps", "2", "--batch-size",
+                                "8", "--synthetic-size", "16", "--image-size", "32", "--out", str(tmp_path / "r.json")])
+    assert result["steps"] == 2 and set(result["errors"]) == {f"layer1.{b}.conv{c}" for b in (0, 1) for c in (1, 2)}
+    # layer1's Table 9 ranks [1, 64, 64, 1] are full for 64 channels: TT-SVD is exact (fp32 rounding)
+    assert all(e < 1e-5 for e in result["errors"].values())
+    assert 0 <= result["after_finetune"]["top1"] <= 1 and json.loads((tmp_path / "r.json").read_text())["steps"] == 2
