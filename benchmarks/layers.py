@@ -1,0 +1,141 @@
+"""Forward+backward time (and peak memory on CUDA) of every tensorized conv class and strategy, against
+the dense ``nn.Conv2d`` and, when ``tensorly-torch`` is installed, its ``FactorizedConv`` at the same format
+and rank.
+
+    python benchmarks/layers.py --threads 2            # writes benchmarks/results/<device>-layers.md
+    python benchmarks/layers.py --device cuda
+
+Configurations are those of the speed issue's table: a 64 -> 64 3x3 conv on a 32 x 64 x 32 x 32 input,
+each format at about 3.6k and 18.6k parameters (the dense conv has 36.9k). tltorch's Tucker conv gets
+ranks (R_out, R_in, 3, 3) (Tucker-2), its TT conv ranks (1, r1, 3, r2, 1)... as it parametrizes them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import tnlayers  # noqa: E402
+
+# (label, tnlayers class, rank, tltorch factorization, tltorch rank)
+CONFIGS = [
+    ("Tucker-2 (14,14)", tnlayers.TuckerConv2d, 14, "tucker", (14, 14, 3, 3)),
+    ("TT (26,2)", tnlayers.TTConv2d, [1, 26, 2, 1], None, None),
+    ("CP 28", tnlayers.CPConv2d, 28, "cp", 28),
+    ("TR 4", tnlayers.TRConv2d, 4, None, None),
+    ("Tucker-2 (39,39)", tnlayers.TuckerConv2d, 39, "tucker", (39, 39, 3, 3)),
+    ("TT (101,9)", tnlayers.TTConv2d, [1, 101, 9, 1], None, None),
+    ("CP 138", tnlayers.CPConv2d, 138, "cp", 138),
+    ("TR 10", tnlayers.TRConv2d, 10, None, None),
+]
+
+
+def tltorch_conv(factorization, rank, implementation, device):
+    """tensorly-torch's FactorizedConv at this rank, or None when tltorch is not installed."""
+    try:
+        from tltorch.factorized_layers import FactorizedConv
+    except ImportError:
+        return None
+    return FactorizedConv(64, 64, (3, 3), padding=1, factorization=factorization, rank=rank,
+                          implementation=implementation, device=device)
+
+
+def measure(module, x, repeats, device):
+    """(min ms, median ms, peak MiB or None) of forward + backward."""
+    def once():
+        module.zero_grad(set_to_none=True)
+        module(x).sum().backward()
+    once()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        once()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None
+    return min(times), statistics.median(times), peak
+
+
+def run(args):
+    device = torch.device(args.device)
+    x = torch.randn(args.batch, 64, args.size, args.size, device=device)
+    rows = []
+    dense = nn.Conv2d(64, 64, 3, padding=1, device=device)
+    dense_ms = measure(dense, x, args.repeats, device)
+    rows.append(("dense nn.Conv2d", sum(p.numel() for p in dense.parameters()), "-", *dense_ms))
+    for label, cls, rank, tl_factorization, tl_rank in CONFIGS:
+        for strategy in ("dense", "factorized", "auto"):
+            layer = cls(64, 64, 3, padding=1, rank=rank, strategy=strategy, device=device)
+            result = measure(layer, x, args.repeats, device)
+            chosen = next(iter(layer._choices.values()), strategy) if strategy == "auto" else strategy
+            rows.append((f"tnlayers {label}", sum(p.numel() for p in layer.parameters()),
+                         strategy if strategy != "auto" else f"auto -> {chosen}", *result))
+        if tl_factorization is not None:
+            for implementation in ("factorized", "reconstructed"):
+                conv = tltorch_conv(tl_factorization, tl_rank, implementation, device)
+                if conv is None:
+                    break
+                rows.append((f"tltorch {label}", sum(p.numel() for p in conv.parameters()), implementation,
+                             *measure(conv, x, args.repeats, device)))
+        print(*rows[-1][:3], f"{rows[-1][3]:.1f} ms")
+    return rows, dense_ms[0]
+
+
+def write(rows, dense_min, args, path):
+    device = torch.device(args.device)
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
+    try:
+        import tltorch
+        tl_version = f"tensorly-torch {tltorch.__version__}"
+    except ImportError:
+        tl_version = "tensorly-torch not installed"
+    lines = [f"# Layer forward+backward ({device.type})", "",
+             f"- Machine: {machine}; torch {torch.__version__}; {tl_version}",
+             f"- Command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}`",
+             f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; input {args.batch}x64x{args.size}x{args.size}, "
+             f"64->64 3x3 conv, padding 1; {args.repeats} repeats after one warm-up; ratios of the min to the "
+             "dense nn.Conv2d's min", "",
+             "| layer | params | strategy | min ms | median ms | x dense | peak MiB |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for name, params, strategy, t_min, t_median, peak in rows:
+        lines.append(f"| {name} | {params:,} | {strategy} | {t_min:.1f} | {t_median:.1f} | {t_min / dense_min:.2f} | "
+                     f"{'-' if peak is None else f'{peak:.0f}'} |")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + "\n")
+    print(f"written to {path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, dense_min = run(args)
+    tag = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().replace(" ", "-").lower()
+    write(rows, dense_min, args, args.out or Path(__file__).parent / "results" / f"{tag}-layers.md")
+
+
+if __name__ == "__main__":
+    main()
