@@ -7,7 +7,7 @@ from .groups import core_groups
 from .layers import (CPConv2d, CPLinear, FactorizedTensor, TensorizedConv2d, TensorizedLinear, TRConv2d,
                      TRLinear, TTConv2d, TTLinear, TuckerConv2d, TuckerLinear)
 from .metrics import norm_deviation, norm_report
-from . import models, optim
+from . import models, optim, training
 from .optim import BAR, DAS, SAM
 from .shapes import tensorize_dim
 from .tensorize import summary, tensorize, to_dense  # the function shadows the submodule, as torchao's quantize_
@@ -17,4 +17,4 @@ __version__ = "0.1.0"
 __all__ = ["FactorizedTensor", "TensorizedLinear", "TensorizedConv2d", "TTConv2d", "TRConv2d", "CPConv2d",
            "TuckerConv2d", "TTLinear", "TRLinear", "CPLinear", "TuckerLinear", "core_groups", "norm_deviation",
            "norm_report", "tensorize_dim", "FORMATS", "SAM", "DAS", "BAR", "tensorize", "summary", "to_dense",
-           "models", "optim"]
+           "models", "optim", "training"]

@@ -5,6 +5,13 @@ All cores of all groups are handled at once: two ``torch._foreach_norm`` calls g
 the rescale is one ``torch._foreach_mul_``. Nothing reads a value back to the host, so a step never waits
 for the device. (A per-layer Python loop with ``.item()`` costs several times an SGD step on a ResNet's
 ~200 small cores; see DESIGN.md §4.)
+
+Sharded cores (DTensor, e.g. after FSDP2's ``fully_shard``): the norms are taken of each rank's local shard
+and the packed vector [s; γ] of partial sums is all-reduced once over the mesh (once per sharded mesh
+dimension: one collective for plain FSDP2) before λ is computed; the rescale multiplies the local shards.
+A core replicated on a mesh dimension the others are sharded on counts 1/size of its local sums there, so
+the sum stays exact. After ``fully_shard`` the parameters are new objects: call
+``tnlayers.core_groups(model)`` (which re-marks the groups) before building the optimizer.
 """
 from __future__ import annotations
 
@@ -27,6 +34,23 @@ def foreach_squared_norms(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -
     return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=dtype)).square()
 
 
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def _dtensor_type(cores: Sequence[torch.Tensor]) -> Optional[type]:
+    """The DTensor class when any core is one, else None (plain tensors never import torch.distributed)."""
+    if all(type(c) in (torch.Tensor, torch.nn.Parameter) for c in cores):
+        return None
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+    return DTensor if any(isinstance(c, DTensor) for c in cores) else None
+
+
 class CoreLayout:
     """The cores with a gradient this step, in one flat order, with the tensors that index them.
 
@@ -47,6 +71,42 @@ class CoreLayout:
         self.segment = torch.tensor(segment, dtype=torch.long, device=device)
         self.counts = torch.bincount(self.segment, minlength=self.n_groups).to(self.dtype)
         self.param_group = torch.tensor(param_group, dtype=torch.long, device=device)
+        self.sharded = False
+        self._reduce_groups: List[Any] = []
+        self._weights: Optional[torch.Tensor] = None
+        dtensor = _dtensor_type(cores)
+        if dtensor is not None:
+            self._plan_sharded(dtensor)
+
+    def _plan_sharded(self, dtensor: type) -> None:
+        """Which mesh dimensions the partial sums are added over, and how much each core's sums count."""
+        if not all(isinstance(c, dtensor) for c in self.cores):
+            raise ValueError("the cores of one optimizer must be all DTensors (sharded) or all plain tensors")
+        mesh = self.cores[0].device_mesh
+        if any(c.device_mesh != mesh for c in self.cores):
+            raise ValueError("all sharded cores of one optimizer must live on one device mesh")
+        for c in self.cores:
+            if any(not (p.is_shard() or p.is_replicate()) for p in c.placements):
+                raise ValueError(f"sharded cores must be Shard or Replicate on each mesh dimension, got {c.placements}")
+        dims = sorted({d for c in self.cores for d, p in enumerate(c.placements) if p.is_shard()})
+        weights = [1.0 / _prod(mesh.size(d) for d in dims if c.placements[d].is_replicate()) for c in self.cores]
+        if any(w != 1.0 for w in weights):
+            self._weights = torch.tensor(weights * 2, dtype=self.dtype, device=self.segment.device)
+        self._reduce_groups = [mesh.get_group(d) for d in dims]
+        self._placements = [c.placements for c in self.cores]
+        self.sharded = True
+
+    def check_sharded_grads(self) -> None:
+        for placements, core in zip(self._placements, self.cores):
+            if getattr(core.grad, "placements", None) != placements:
+                raise ValueError(f"the gradient of a sharded core must be a DTensor placed as the core "
+                                 f"({placements}), got {getattr(core.grad, 'placements', type(core.grad).__name__)}")
+
+    def local_cores(self) -> List[torch.Tensor]:
+        """The tensors to rescale in place: the cores, or each rank's shards of them."""
+        if not self.sharded:
+            return self.cores
+        return [c.to_local() for c in self.cores]
 
     def segment_sum(self, values: torch.Tensor) -> torch.Tensor:
         return torch.zeros(self.n_groups, dtype=values.dtype, device=values.device).index_add_(
@@ -57,7 +117,26 @@ class CoreLayout:
 
     def stats(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(s, γ): squared norms of the cores and of their gradients (one multi-tensor reduction)."""
-        both = foreach_squared_norms(self.cores + [c.grad for c in self.cores], self.dtype)
+        if not self.sharded:
+            both = foreach_squared_norms(self.cores + [c.grad for c in self.cores], self.dtype)
+            return both[:len(self.cores)], both[len(self.cores):]
+        return self._sharded_stats()
+
+    def _sharded_stats(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        self.check_sharded_grads()
+        grads = [c.grad for c in self.cores]
+        with torch.no_grad():
+            both = foreach_squared_norms([t.to_local() for t in self.cores + grads], self.dtype)
+        return self.all_reduce_stats(both)
+
+    def all_reduce_stats(self, both: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(s, γ) of the whole cores from the packed local partial sums [s; γ] (sharded layouts only)."""
+        import torch.distributed as dist
+
+        if self._weights is not None:
+            both = both * self._weights.to(both.dtype)
+        for group in self._reduce_groups:  # one packed all-reduce per sharded mesh dimension
+            dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
         return both[:len(self.cores)], both[len(self.cores):]
 
 
@@ -172,7 +251,7 @@ class CoreScalingOptimizer(WrappedOptimizer):
         s, gamma = layout.stats()
         lambdas = self._lambdas(layout, s, gamma, step_size)
         lambdas = torch.where(torch.isfinite(lambdas), lambdas, 0.0)
-        torch._foreach_mul_(layout.cores, list((1.0 + lambdas).unbind(0)))
+        torch._foreach_mul_(layout.local_cores(), list((1.0 + lambdas).unbind(0)))
         self.last_lambdas = (layout.cores, lambdas)
 
     def step(self, closure: Optional[Callable[[], Any]] = None):

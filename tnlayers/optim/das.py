@@ -3,6 +3,7 @@ without SAM's second forward/backward pass. Formulas: DESIGN.md §2.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional, Union
 
 import torch
@@ -54,6 +55,13 @@ class DAS(CoreScalingOptimizer):
     is not rescaled; nothing non-finite is ever written into a core. A core without a gradient this step
     is neither rescaled nor counted. Under ``torch.amp.GradScaler``, a step it skips is not taken at all,
     so the cores are not rescaled either. The λ applied last are in ``last_lambdas`` (cores, vector).
+
+    Distributed: under ``DistributedDataParallel`` the gradients are averaged before the step, so every
+    rank computes the same λ. Sharded cores (FSDP2 ``fully_shard``: DTensors) are reduced shard by shard
+    and the packed partial sums [s; γ] are summed over the mesh by one all-reduce before λ is computed; the
+    rescale multiplies the local shards (the Triton backend runs its two kernels on the local shards, with
+    the base step unfused). ``fully_shard`` creates new parameter objects: call
+    ``tnlayers.core_groups(model)`` after it, before building DAS, so the cores are recognized.
     """
 
     def __init__(self, params, base_optimizer, alpha: Union[float, Callable[[int], float]] = 0.01,
@@ -66,6 +74,7 @@ class DAS(CoreScalingOptimizer):
         if backend == "triton" and not triton_available():
             raise RuntimeError("DAS backend='triton' needs the triton package (pip install 'tnlayers[triton]')")
         self._fused = FusedDASStep()
+        self._sharded_plans = weakref.WeakKeyDictionary()
         super().__init__(params, base_optimizer, alpha, alpha_schedule, total_steps, {}, base_kwargs)
 
     def _lambdas(self, layout: CoreLayout, s: torch.Tensor, gamma: torch.Tensor, step_size) -> torch.Tensor:
@@ -90,6 +99,8 @@ class DAS(CoreScalingOptimizer):
         layout = self._core_index.layout()
         if layout is None:
             return False
+        if layout.sharded:
+            return self._fused_sharded_step(layout)
         reason = FusedDASStep.unsupported(layout, forced=self.backend == "triton")
         if reason is not None:
             if self.backend == "triton":
@@ -100,3 +111,45 @@ class DAS(CoreScalingOptimizer):
         if isinstance(step_size, float) and step_size == 0.0:
             return False  # alpha or lr is 0: the torch path leaves the cores bit-for-bit untouched
         return self._fused(self, layout, step_size)
+
+    def _fused_sharded_step(self, layout: CoreLayout) -> bool:
+        """DTensor cores through the kernels, on each rank's local shards: the reduction kernel, one all-reduce
+        of the packed [s; γ], the rescale kernel, then the base optimizer's own step (not fused here)."""
+        from ._fused import triton_usable
+
+        forced = self.backend == "triton"
+        layout.check_sharded_grads()
+        local = layout.local_cores()
+        grads = [c.grad.to_local() for c in layout.cores]
+        dtypes = {t.dtype for t in local + grads}
+        reason = None
+        if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.bfloat16, torch.float16):
+            reason = f"local shards of one dtype among float32/bfloat16/float16 (got {sorted(map(str, dtypes))})"
+        elif not all(t.is_contiguous() for t in local + grads) or sum(t.numel() for t in local) == 0:
+            reason = "contiguous, non-empty local shards of the cores and their gradients"
+        elif not triton_usable(local[0].device, interpreter_ok=forced):
+            reason = "triton installed and CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+        if reason is not None:
+            if forced:
+                raise RuntimeError(f"DAS backend='triton' needs {reason}; use backend='torch' or 'auto'")
+            return False
+        step_size = self._step_sizes(layout)
+        self.last_lambdas = None
+        if isinstance(step_size, torch.Tensor) or step_size == 0.0:
+            return False  # per-group step sizes, or nothing to rescale: the torch path
+        from ..kernels.das_triton import FusedDASPlan
+
+        plan = self._sharded_plans.get(layout)  # its pointer tables follow the shards' addresses
+        if plan is None:
+            plan = self._sharded_plans[layout] = FusedDASPlan(local, layout.segment, layout.counts)
+        with torch.no_grad():
+            s, gamma, _ = plan.reduce(local, grads)
+            s, gamma = layout.all_reduce_stats(torch.cat([s, gamma]))
+            group = layout.segment_sum(gamma)
+            plan.update(local, grads, (s.contiguous(), gamma.contiguous(), group), step_size, self.normalization,
+                        self.denominator)
+            # λ as applied, for last_lambdas (a rank whose shard of a core is empty runs no program for it)
+            lambdas = self._lambdas(layout, s, gamma, step_size)
+        self.base_optimizer.step()
+        self.last_lambdas = (layout.cores, torch.where(torch.isfinite(lambdas), lambdas, 0.0))
+        return True

@@ -3,9 +3,11 @@ adaptive perturbation, as a drop-in ``torch.optim`` optimizer.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, List, Optional
 
 import torch
+from torch import nn
 
 from ._common import WrappedOptimizer, check_non_negative
 from ._cores import stat_dtype
@@ -40,6 +42,14 @@ class SAM(WrappedOptimizer):
     overflow (without a scaler, the base step then sees a NaN gradient, as a plain optimizer would).
 
     The perturbation lives only between ``first_step`` and ``second_step`` and is never in ``state_dict``.
+
+    DDP: under ``DistributedDataParallel`` both backward passes average the gradients over the ranks, so
+    every rank takes the same perturbation and SAM equals single-process SAM on the global batch (the
+    default, ``sync_first_pass=True``). ``sync_first_pass=False, model=ddp_model`` runs the first closure
+    call inside ``model.no_sync()``: each rank perturbs its weights along its *own* gradient (the
+    per-device "m-sharpness" of the SAM paper, and one all-reduce fewer per step); the second pass is
+    averaged as usual, so the base step is the same on every rank. With ``first_step``/``second_step``
+    driven by hand, wrap the first forward and backward in ``model.no_sync()`` yourself instead.
     """
 
     # GradScaler then calls step() even on an overflow (with ``found_inf``/``grad_scale`` attributes set),
@@ -47,8 +57,17 @@ class SAM(WrappedOptimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, eps: float = 1e-12,
-                 **base_kwargs):
+                 sync_first_pass: bool = True, model: Optional[nn.Module] = None, **base_kwargs):
         rho = check_non_negative("rho", rho)
+        if not isinstance(sync_first_pass, bool):
+            raise TypeError(f"sync_first_pass must be a bool, got {type(sync_first_pass).__name__}")
+        if not sync_first_pass and not callable(getattr(model, "no_sync", None)):
+            raise ValueError("sync_first_pass=False needs model=, the DistributedDataParallel module (or any "
+                             f"module with no_sync()), whose first backward pass is kept local; got {model!r}")
+        if sync_first_pass and model is not None:
+            raise ValueError("model= is only used with sync_first_pass=False (the default synchronizes both passes)")
+        self.sync_first_pass = sync_first_pass
+        self._sync_model = None if sync_first_pass else model
         self.eps = check_non_negative("eps", eps)
         self._perturbed: Optional[List[torch.Tensor]] = None
         self._saved: Optional[List[torch.Tensor]] = None
@@ -142,7 +161,8 @@ class SAM(WrappedOptimizer):
         if closure is None:
             self.second_step()
             return None
-        with torch.enable_grad():
+        local = contextlib.nullcontext() if self._sync_model is None else self._sync_model.no_sync()
+        with torch.enable_grad(), local:
             loss = closure()
         self.first_step(zero_grad=True)
         with torch.enable_grad():

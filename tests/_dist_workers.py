@@ -1,0 +1,233 @@
+"""Worker processes for tests/test_distributed.py, and the single-process references they are compared to.
+
+Run as ``python tests/_dist_workers.py SCENARIO RANK WORLD_SIZE STORE_FILE OUT_DIR``; each rank writes its
+results to ``OUT_DIR/SCENARIO-RANK.pt`` (keys ``ddp.*``, ``fsdp.*``). The process group is gloo on CPU, set
+up through a file store (no port to pick). Scenarios (``all`` runs both):
+
+* ``ddp``: DAS, SAM and SAM with ``sync_first_pass=False`` under DistributedDataParallel, 20 steps each, every
+  rank on its half of the same global batch;
+* ``fsdp``: DAS on an FSDP2 (``fully_shard``) model whose cores are DTensors sharded on dim 0 (torch backend,
+  and the Triton kernels on the local shards when ``TRITON_INTERPRET=1``), plus a check
+  that ``CoreLayout.stats()`` on sharded cores issues exactly one all-reduce and matches the full tensors.
+"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STEPS = 20
+GLOBAL_BATCH = 16
+LR, MOMENTUM, ALPHA, RHO = 0.05, 0.9, 5.0, 0.05
+
+
+def make_model():
+    import tnlayers
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 3))
+    return tnlayers.tensorize(dense, format="tr", rank=3, progress=False)
+
+
+def global_batch(step):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(GLOBAL_BATCH, 3, 6, 6, generator=gen), torch.randint(0, 3, (GLOBAL_BATCH,), generator=gen)
+
+
+def local_batch(step, rank, world):
+    x, y = global_batch(step)
+    n = GLOBAL_BATCH // world
+    return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+
+
+def das(params, backend="torch"):
+    from tnlayers.optim import DAS
+    return DAS(params, torch.optim.SGD, alpha=ALPHA, backend=backend, lr=LR, momentum=MOMENTUM)
+
+
+def sam(params, **kwargs):
+    from tnlayers.optim import SAM
+    return SAM(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM, **kwargs)
+
+
+# ---- single-process references, on the whole global batch ------------------------------------------------
+
+def reference_run(kind, world=2):
+    """Losses and final state of one process on the global batch (``kind``: das, sam, sam-local)."""
+    model = make_model()
+    if kind == "sam-local":
+        return _reference_sam_local(model, world)
+    opt = das(model.parameters()) if kind == "das" else sam(model.parameters())
+    losses = []
+    for step in range(STEPS):
+        x, y = global_batch(step)
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        losses.append(float(opt.step(closure).detach()))
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _reference_sam_local(model, world):
+    """SAM with a per-rank perturbation, written out: each rank's half perturbs along its own gradient,
+    the gradients at the perturbed points are averaged, the base optimizer steps with the average."""
+    params = list(model.parameters())
+    base = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
+    losses = []
+    for step in range(STEPS):
+        averaged = [torch.zeros_like(p) for p in params]
+        loss_sum = 0.0
+        for rank in range(world):
+            x, y = local_batch(step, rank, world)
+            grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+            loss_sum += float(F.cross_entropy(model(x), y).detach())
+            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+            saved = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p.add_(g, alpha=RHO / (float(norm) + 1e-12))
+            tilde = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+            with torch.no_grad():
+                for p, w in zip(params, saved):
+                    p.copy_(w)
+            for a, g in zip(averaged, tilde):
+                a.add_(g / world)
+        for p, g in zip(params, averaged):
+            p.grad = g
+        base.step()
+        losses.append(loss_sum / world)
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---- distributed scenarios ---------------------------------------------------------------------------------
+
+def _global_loss(loss):
+    import torch.distributed as dist
+    value = loss.detach().clone()
+    dist.all_reduce(value)
+    return float(value) / dist.get_world_size()
+
+
+def run_ddp(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    results = {}
+    for kind in ("das", "sam", "sam-local"):
+        ddp = DDP(make_model())
+        if kind == "das":
+            opt = das(ddp.parameters())
+        elif kind == "sam":
+            opt = sam(ddp.parameters())
+        else:
+            opt = sam(ddp.parameters(), sync_first_pass=False, model=ddp)
+        losses = []
+        for step in range(STEPS):
+            x, y = local_batch(step, rank, world)
+
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(ddp(x), y)
+                loss.backward()
+                return loss
+            losses.append(_global_loss(opt.step(closure)))
+        results[kind] = (losses, {k: v.detach().clone() for k, v in ddp.module.state_dict().items()})
+    return results
+
+
+def _check_sharded_stats(rank, world):
+    """CoreLayout.stats() on DTensor-sharded cores: one all-reduce, equal to the full tensors' norms."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from tnlayers.groups import mark_core_group
+    from tnlayers.optim._cores import CoreIndex
+
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(3)
+    full = [torch.randn(5, 4, generator=gen), torch.randn(1, 3, 2, generator=gen), torch.randn(6, generator=gen)]
+    grads = [torch.randn(t.shape, generator=gen) for t in full]
+    placements = [[Shard(0)], [Shard(0)], [Replicate()]]  # uneven, empty-on-one-rank and replicated
+    cores = []
+    for t, g, pl in zip(full, grads, placements):
+        core = nn.Parameter(distribute_tensor(t, mesh, pl))
+        core.grad = distribute_tensor(g, mesh, pl)
+        cores.append(core)
+    mark_core_group(cores)
+    layout = CoreIndex([{"params": cores}]).layout()
+    calls = []
+    real = dist.all_reduce
+    dist.all_reduce = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    try:
+        s, gamma = layout.stats()
+    finally:
+        dist.all_reduce = real
+    expected_s = torch.stack([t.pow(2).sum() for t in full])
+    expected_g = torch.stack([g.pow(2).sum() for g in grads])
+    return {"calls": len(calls), "s": (s, expected_s), "gamma": (gamma, expected_g)}
+
+
+def triton_interpreted():
+    from tnlayers.kernels import triton_available
+    return triton_available() and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def run_fsdp(rank, world):
+    results = {"stats": _check_sharded_stats(rank, world)}
+    for backend in ("torch", "triton") if triton_interpreted() else ("torch",):
+        results[f"das-{backend}"], results[f"lambdas_nonzero-{backend}"] = _fsdp_das(rank, world, backend)
+    return results
+
+
+def _fsdp_das(rank, world, backend):
+    import tnlayers
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model = make_model()
+    mesh = init_device_mesh("cpu", (world,))
+    for module in model.modules():
+        if hasattr(module, "core_parameters") or isinstance(module, nn.Linear):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    groups = tnlayers.core_groups(model)  # fully_shard made new parameter objects: re-mark the groups
+    assert groups and all(isinstance(c, DTensor) for _, cores in groups for c in cores)
+    opt = das(model.parameters(), backend)
+    losses = []
+    for step in range(STEPS):
+        x, y = local_batch(step, rank, world)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(_global_loss(loss))
+    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+             for k, v in model.state_dict().items()}
+    return (losses, state), bool(opt.last_lambdas[1].abs().max() > 0)
+
+
+def main(scenario, rank, world, store_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
+    try:
+        runs = {"ddp": [run_ddp], "fsdp": [run_fsdp], "all": [run_ddp, run_fsdp]}[scenario]
+        results = {}
+        for run in runs:  # one launch for all: starting the processes costs more than the runs
+            results.update({f"{run.__name__[4:]}.{k}": v for k, v in run(rank, world).items()})
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"{scenario}-{rank}.pt"))
+
+
+if __name__ == "__main__":
+    scenario_arg, rank_arg, world_arg, store_arg, out_arg = sys.argv[1:6]
+    main(scenario_arg, int(rank_arg), int(world_arg), store_arg, out_arg)
