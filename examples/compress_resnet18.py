@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import tnlayers
-from tnlayers.optim import DAS, SAM, disable_running_stats
+from tnlayers.optim import DAS, SAM, training_step
 
 
 def image_loaders(args):
@@ -115,13 +115,7 @@ def main(argv=None) -> dict:
         for x, y in train:
             if step >= total:
                 break
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            if isinstance(opt, SAM):
-                opt.first_step()
-                with disable_running_stats(model):
-                    F.cross_entropy(model(x), y).backward()
-            opt.step()
+            training_step(model, opt, lambda: F.cross_entropy(model(x), y))
             sched.step()
             step += 1
     after = evaluate(model, val)

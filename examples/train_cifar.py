@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import tnlayers
-from tnlayers.optim import BAR, DAS, SAM, disable_running_stats
+from tnlayers.optim import BAR, DAS, SAM, training_step
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10 channel statistics
 
@@ -135,14 +135,7 @@ def train(args) -> list:
                 break
             x, y = augment(normalize(x_train[idx]), gen), y_train[idx]
             start = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            if isinstance(opt, SAM):
-                opt.first_step()
-                with disable_running_stats(model):
-                    F.cross_entropy(model(x), y).backward()
-            opt.step()
+            loss = training_step(model, opt, lambda: F.cross_entropy(model(x), y))
             sched.step()
             times.append(time.perf_counter() - start)
             losses.append(float(loss.detach()))
