@@ -1,5 +1,5 @@
-"""Forward+backward time (and peak memory on CUDA) of every tensorized conv class and strategy, against
-the dense ``nn.Conv2d`` and, when ``tensorly-torch`` is installed, its ``FactorizedConv`` at the same format
+"""Forward+backward time (and peak memory on CUDA) of every tensorized layer class and strategy, against
+the dense ``nn.Conv2d``/``nn.Linear`` and, when ``tensorly-torch`` is installed, its ``FactorizedConv`` at the same format
 and rank.
 
     python benchmarks/layers.py --threads 2            # writes benchmarks/results/<device>-layers.md
@@ -39,6 +39,24 @@ CONFIGS = [
     ("CP 138", tnlayers.CPConv2d, 138, "cp", 138),
     ("TR 10", tnlayers.TRConv2d, 10, None, None),
 ]
+
+
+# linear layers: 1024 -> 1024 (modes (16, 8, 8) each) on a batch of 256 rows
+LINEAR_CONFIGS = [
+    ("TT 8", tnlayers.TTLinear, 8, "blocktt", 8),  # tltorch calls its TT linear "blocktt"
+    ("TR 8", tnlayers.TRLinear, 8, None, None),
+    ("CP 32", tnlayers.CPLinear, 32, "cp", 32),
+    ("Tucker 64 (FLoRA shape)", tnlayers.TuckerLinear, 64, None, None),
+]
+
+
+def tltorch_linear(factorization, rank, implementation, device):
+    try:
+        from tltorch.factorized_layers import FactorizedLinear
+    except ImportError:
+        return None
+    return FactorizedLinear((16, 8, 8), (16, 8, 8), factorization=factorization, rank=rank,
+                            implementation=implementation, device=device)
 
 
 def tltorch_conv(factorization, rank, implementation, device):
@@ -93,10 +111,44 @@ def run(args):
                 rows.append((f"tltorch {label}", sum(p.numel() for p in conv.parameters()), implementation,
                              *measure(conv, x, args.repeats, device)))
         print(*rows[-1][:3], f"{rows[-1][3]:.1f} ms")
-    return rows, dense_ms[0]
+    linear_rows = run_linear(args, device)
+    return rows, dense_ms[0], linear_rows
 
 
-def write(rows, dense_min, args, path):
+def run_linear(args, device):
+    x = torch.randn(256, 1024, device=device)
+    dense = nn.Linear(1024, 1024, device=device)
+    rows = [("dense nn.Linear", sum(p.numel() for p in dense.parameters()), "-", *measure(dense, x, args.repeats, device))]
+    for label, cls, rank, tl_factorization, tl_rank in LINEAR_CONFIGS:
+        for strategy in ("dense", "factorized", "auto"):
+            layer = cls(1024, 1024, rank=rank, strategy=strategy, device=device)
+            result = measure(layer, x, args.repeats, device)
+            chosen = next(iter(layer._choices.values()), strategy) if strategy == "auto" else strategy
+            rows.append((f"tnlayers {label}", sum(p.numel() for p in layer.parameters()),
+                         strategy if strategy != "auto" else f"auto -> {chosen}", *result))
+        if tl_factorization is not None:
+            for implementation in ("factorized", "reconstructed"):
+                try:
+                    layer = tltorch_linear(tl_factorization, tl_rank, implementation, device)
+                except Exception as error:  # report, don't stop the run: tltorch's API differs by version
+                    print(f"tltorch {label} {implementation}: {error}")
+                    continue
+                if layer is None:
+                    break
+                rows.append((f"tltorch {label}", sum(p.numel() for p in layer.parameters()), implementation,
+                             *measure(layer, x, args.repeats, device)))
+    return rows
+
+
+def table(rows, dense_min):
+    lines = ["| layer | params | strategy | min ms | median ms | x dense | peak MiB |", "|---|---:|---|---:|---:|---:|---:|"]
+    for name, params, strategy, t_min, t_median, peak in rows:
+        lines.append(f"| {name} | {params:,} | {strategy} | {t_min:.1f} | {t_median:.1f} | {t_min / dense_min:.2f} | "
+                     f"{'-' if peak is None else f'{peak:.0f}'} |")
+    return lines
+
+
+def write(rows, dense_min, linear_rows, args, path):
     device = torch.device(args.device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
@@ -110,12 +162,8 @@ def write(rows, dense_min, args, path):
              f"- Command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}`",
              f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; input {args.batch}x64x{args.size}x{args.size}, "
              f"64->64 3x3 conv, padding 1; {args.repeats} repeats after one warm-up; ratios of the min to the "
-             "dense nn.Conv2d's min", "",
-             "| layer | params | strategy | min ms | median ms | x dense | peak MiB |",
-             "|---|---:|---|---:|---:|---:|---:|"]
-    for name, params, strategy, t_min, t_median, peak in rows:
-        lines.append(f"| {name} | {params:,} | {strategy} | {t_min:.1f} | {t_median:.1f} | {t_min / dense_min:.2f} | "
-                     f"{'-' if peak is None else f'{peak:.0f}'} |")
+             "dense nn.Conv2d's min", "", "## Conv2d 64 -> 64, 3x3", ""] + table(rows, dense_min)
+    lines += ["", "## Linear 1024 -> 1024, batch 256 (x dense: against nn.Linear)", ""] + table(linear_rows, linear_rows[0][3])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
     print(f"written to {path}")
@@ -132,9 +180,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows, dense_min = run(args)
+    rows, dense_min, linear_rows = run(args)
     tag = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().replace(" ", "-").lower()
-    write(rows, dense_min, args, args.out or Path(__file__).parent / "results" / f"{tag}-layers.md")
+    write(rows, dense_min, linear_rows, args, args.out or Path(__file__).parent / "results" / f"{tag}-layers.md")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ step), the part DAS adds to. Targets (issue 3): DAS ≤ 1.10× and SAM ≤ 2.1×
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from tqdm import tqdm  # noqa: E402
 
 import tnlayers  # noqa: E402
 from tnlayers.groups import core_groups  # noqa: E402
@@ -76,7 +79,9 @@ def make_optimizer(method: str, params, total_steps: int):
     if method == "SAM":
         return SAM(params, torch.optim.SGD, rho=0.05, **base)
     if method == "DAS":
-        return DAS(params, torch.optim.SGD, alpha=0.1, **base)
+        return DAS(params, torch.optim.SGD, alpha=0.1, backend="torch", **base)
+    if method == "DAS-triton":  # the fused kernels (CUDA; CPU only under TRITON_INTERPRET=1)
+        return DAS(params, torch.optim.SGD, alpha=0.1, backend="triton", **base)
     if method == "BAR":
         return BAR(params, torch.optim.SGD, alpha=0.1, total_steps=total_steps, **base)
     raise ValueError(f"unknown method {method!r}")
@@ -113,6 +118,11 @@ def machine_description(device: torch.device) -> str:
     except (OSError, StopIteration):
         pass
     text = f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, torch threads: {torch.get_num_threads()}"
+    try:
+        import triton
+        text += f", triton {triton.__version__}"
+    except ImportError:
+        text += ", triton not installed"
     if device.type == "cuda":
         text += f", GPU {torch.cuda.get_device_name(device)}"
     if hasattr(os, "getloadavg"):  # other work on a shared machine shifts all methods; interleaving evens it out
@@ -134,7 +144,7 @@ def run(args) -> dict:
         for _ in range(args.warmup):
             training_step(model, opt, x, y, device)
     times = {m: ([], []) for m in args.methods}
-    for _ in range(args.rounds):
+    for _ in tqdm(range(args.rounds), desc="rounds", disable=not sys.stderr.isatty()):
         for method, (model, opt) in setups.items():
             for _ in range(args.steps):
                 whole, step = training_step(model, opt, x, y, device)
@@ -143,6 +153,7 @@ def run(args) -> dict:
     model = setups[args.methods[0]][0]
     return {
         "medians": {m: (statistics.median(w), statistics.median(s)) for m, (w, s) in times.items()},
+        "spread": {m: (min(w), max(w)) for m, (w, s) in times.items()},
         "n_groups": len(core_groups(model)),
         "n_cores": sum(len(c) for _, c in core_groups(model)),
         "n_params": sum(p.numel() for p in model.parameters()),
@@ -167,12 +178,13 @@ def report(args, result) -> str:
         f"- Median over {result['samples']} steps per method ({args.rounds} interleaved rounds of {args.steps}, "
         f"after {args.warmup} warm-up steps)",
         "",
-        "| method | training step (ms) | x SGD | optimizer step (ms) | x SGD step |",
-        "|---|---:|---:|---:|---:|",
+        "| method | training step median (ms) | min | max | x SGD | optimizer step (ms) | x SGD step |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for method, (whole, step) in medians.items():
-        lines.append(f"| {method} | {whole * 1e3:.2f} | {whole / sgd_whole:.2f} | {step * 1e3:.3f} | "
-                     f"{step / sgd_step:.2f} |")
+        low, high = result["spread"][method]
+        lines.append(f"| {method} | {whole * 1e3:.2f} | {low * 1e3:.2f} | {high * 1e3:.2f} | {whole / sgd_whole:.2f} | "
+                     f"{step * 1e3:.3f} | {step / sgd_step:.2f} |")
     lines += ["", "Targets (issues 3, 6): DAS <= 1.10x SGD, SAM <= 2.1x (1.8-2.2x) SGD per training step. The optimizer-step "
               "column for SAM is its second_step (restore + base step); its first_step sits in the whole step."]
     return "\n".join(lines) + "\n"
@@ -194,20 +206,29 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--steps", type=int, default=2, help="steps per method per round")
-    parser.add_argument("--methods", nargs="+", default=["SGD", "SAM", "DAS", "BAR"])
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="default: SGD SAM DAS BAR, plus DAS-triton on CUDA")
     parser.add_argument("--out", default=None, help="markdown file (default: benchmarks/results/step_time_<device>.md)")
     args = parser.parse_args(argv)
+    if args.methods is None:
+        args.methods = ["SGD", "SAM", "DAS", "BAR"] + (["DAS-triton"] if args.device.startswith("cuda") else [])
     if "SGD" not in args.methods:
         args.methods = ["SGD"] + args.methods
     if args.threads:
         torch.set_num_threads(args.threads)
-    text = report(args, run(args))
+    if "DAS-triton" in args.methods and not args.device.startswith("cuda"):
+        parser.error("DAS-triton needs --device cuda")
+    result = run(args)
+    text = report(args, result)
     print(text)
     tag = torch.device(args.device).type + ("" if args.model == "cnn" else f"_{args.model}")
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"step_time_{tag}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    print(f"written to {out}")
+    out.with_suffix(".json").write_text(json.dumps(dict(
+        command=sys.argv, machine=machine_description(torch.device(args.device)), settings=vars(args),
+        result={k: v for k, v in result.items()}), indent=2))
+    print(f"written to {out} and {out.with_suffix('.json')}")
 
 
 if __name__ == "__main__":
