@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -38,7 +41,7 @@ def _make_optimizer(name, params, lr):
 
 def _train(model, opt_name, data, args):
     """``args.steps`` SGD/SAM/DAS steps with a cosine schedule; returns losses and per-step seconds."""
-    from .optim import disable_running_stats
+    from .optim import training_step
     (x_train, y_train), _ = data
     opt = _make_optimizer(opt_name, model.parameters(), args.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
@@ -50,20 +53,7 @@ def _train(model, opt_name, data, args):
         x, y = x_train[idx], y_train[idx]
         start = time.perf_counter()
 
-        def closure():
-            opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        if opt_name == "SAM":
-            loss = closure()
-            opt.first_step()
-            with disable_running_stats(model):
-                closure()
-            opt.second_step()
-        else:
-            loss = closure()
-            opt.step()
+        loss = training_step(model, opt, lambda: torch.nn.functional.cross_entropy(model(x), y))
         seconds.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))
         sched.step()
@@ -150,6 +140,20 @@ def info(args) -> None:
           f"triton installed: {triton_available()}")
 
 
+def _check_output_path(parser, flag: str, path) -> None:
+    """Refuse, before any training, a results path that could not be written at the end."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        parser.error(f"{flag} {path!r} is a directory; give a file path")
+    parent = target.parent
+    if not parent.is_dir():
+        parser.error(f"{flag} {path!r}: directory {str(parent)!r} does not exist (create it first)")
+    if not os.access(parent, os.W_OK):
+        parser.error(f"{flag} {path!r}: directory {str(parent)!r} is not writable")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tnlayers", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +172,11 @@ def main(argv=None) -> int:
     for name in ("steps", "rank", "batch_size"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.command == "demo":
+        if not math.isfinite(args.lr) or args.lr <= 0:
+            parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+        for flag, path in (("--out", args.out), ("--plot", args.plot)):
+            _check_output_path(parser, flag, path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*adds parameters but no expressiveness")
         args.func(args)

@@ -33,6 +33,7 @@ from torch.nn.modules.conv import _ConvNd
 from .formats import get_format
 from .layers import (CPConv2d, CPLinear, TensorizedConv2d, TensorizedLinear, TRConv2d, TRLinear, TTConv2d,
                      TTLinear, TuckerConv2d, TuckerLinear)
+from .layers.base import check_decomposition_options, check_tensor_values
 from .layers.layer import STRATEGIES, TensorizedLayer
 from .metrics import norm_deviation
 
@@ -268,6 +269,7 @@ def tensorize(model: nn.Module, format="tt", rank=None, filter=None, init: str =
         raise TypeError(f"inplace must be True or False, got {inplace!r}")
     if decomposition_options is not None and not isinstance(decomposition_options, Mapping):
         raise TypeError(f"decomposition_options must be a dict or None, got {type(decomposition_options).__name__}")
+    check_decomposition_options(decomposition_options or {}, "decomposition_options")
     show = _show_progress(progress)
     plans, left_dense = _plan(model, format, rank, filter, shapes)
     if left_dense:
@@ -277,6 +279,9 @@ def tensorize(model: nn.Module, format="tt", rank=None, filter=None, init: str =
         warnings.warn("tensorize found nothing to tensorize (no selected nn.Conv2d/nn.Linear with groups=1); "
                       "the model is returned unchanged", UserWarning, stacklevel=2)
         return model
+    if init == "decompose":  # before anything is built: a meta or NaN weight has nothing to decompose
+        for name, plan in plans.items():
+            check_tensor_values(f"init='decompose': the weight of {name or '<model>'!r}", plan.module.weight)
     # every layer is built (and decomposed) before the first swap: a bad rank or a failing decomposition
     # leaves the user's model as it was
     layers = {name: _build(name, plan, strategy) for name, plan in plans.items()}
@@ -337,6 +342,8 @@ def summary(model: nn.Module, print_table: bool = True) -> Summary:
     ``print_table=False``; returns it as a :class:`Summary` (``rows``, ``params``, ``dense_params``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"summary expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(print_table, bool):
+        raise TypeError(f"print_table must be True or False, got {print_table!r}")
     rows = []
     for name, layer in model.named_modules():
         if not isinstance(layer, TensorizedLayer):
@@ -346,7 +353,8 @@ def summary(model: nn.Module, print_table: bool = True) -> Summary:
         dense = prod(layer._weight_shape()) + bias
         rows.append(dict(name=name or "<model>", format=layer.format, shape=tuple(layer.network.modes),
                          ranks=layer.ranks, params=params, dense_params=dense, compression=dense / params,
-                         error=getattr(layer, "decomposition_error", None), Q=float(norm_deviation(layer.cores))))
+                         error=getattr(layer, "decomposition_error", None),
+                         Q=float("nan") if layer.cores[0].is_meta else float(norm_deviation(layer.cores))))
     total = sum(p.numel() for p in model.parameters())
     dense_total = total + sum(r["dense_params"] - r["params"] for r in rows)
     result = Summary(rows, total, dense_total)
@@ -370,6 +378,10 @@ def to_dense(model: nn.Module, inplace: bool = True) -> nn.Module:
         kind = next((t for t in _DENSE_OF if isinstance(layer, t)), None)
         if kind is None:
             return None
+        if layer.cores[0].is_meta:
+            raise NotImplementedError(f"to_dense: {name or '<model>'!r} has its cores on the meta device, so there is "
+                                      f"no weight to copy; materialize the model first (to_empty, then "
+                                      f"reset_parameters or load_state_dict)")
         weight = layer.weight.detach()
         dense = _DENSE_OF[kind](**_ARGS[kind](layer), device=weight.device, dtype=weight.dtype)
         dense.weight.copy_(weight)

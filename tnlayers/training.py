@@ -115,6 +115,8 @@ def save_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
                            "perturbed weights; save after second_step()/step()")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"path: directory {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"path: {str(path)!r} is a directory; give the checkpoint file's path")
     payload = {
         "format": FORMAT, "version": VERSION, "step": step, "extra": extra or {},
         "model": model.state_dict(),
@@ -217,6 +219,9 @@ def load_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
     _check_module("optimizer", optimizer, torch.optim.Optimizer)
     _check_module("scheduler", scheduler, None)
     _check_module("scaler", scaler, None)
+    for name, flag in (("restore_rng", restore_rng), ("weights_only", weights_only)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     payload = _read(path, map_location, weights_only)
     _check_model_state(model, payload["model"])
     for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):

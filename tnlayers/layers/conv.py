@@ -53,6 +53,10 @@ class TensorizedConv2d(TensorizedLayer):
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  rank, format: str | None = None, in_shape=None, out_shape=None, strategy: str = "auto"):
         super().__init__()
+        if isinstance(groups, bool) or not isinstance(groups, int):
+            raise TypeError(f"groups must be an int (tensorized convs support groups=1), got {groups!r}")
+        if groups < 1:
+            raise ValueError(f"groups must be a positive int (tensorized convs support groups=1), got {groups!r}")
         if groups != 1:
             raise NotImplementedError(f"groups={groups!r}: tensorized convs support groups=1 only")
         if padding_mode not in PADDING_MODES:
@@ -81,9 +85,16 @@ class TensorizedConv2d(TensorizedLayer):
         return (self.out_channels, self.in_channels, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects input of shape (N, {self.in_channels}, H, W) or "
                              f"({self.in_channels}, H, W), got {tuple(x.shape)}")
+        left, right, top, bottom = self._pad
+        need = [d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel_size)]
+        if x.shape[-2] + top + bottom < need[0] or x.shape[-1] + left + right < need[1]:
+            raise ValueError(f"{type(self).__name__}: input of spatial size {tuple(x.shape[-2:])} (padded "
+                             f"{(x.shape[-2] + top + bottom, x.shape[-1] + left + right)}) is smaller than the "
+                             f"dilated kernel {tuple(need)}")
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)

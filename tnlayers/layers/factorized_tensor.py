@@ -1,7 +1,9 @@
 """FactorizedTensor: a tensor of a given shape held in factorized form."""
 from __future__ import annotations
 
+import math
 from math import prod
+from numbers import Real
 
 import torch
 
@@ -10,7 +12,7 @@ from ..decompose import decompose
 from ..formats import check_modes, get_format
 from ..init import init_cores_
 from ..shapes import resolve_rank
-from .base import CoreModule, build_network
+from .base import CoreModule, build_network, check_decomposition_options, check_tensor_values
 
 __all__ = ["FactorizedTensor"]
 
@@ -26,6 +28,10 @@ class FactorizedTensor(CoreModule):
 
     def __init__(self, shape, format: str = "tucker", rank=None, *, std: float = 1.0, device=None, dtype=None):
         super().__init__()
+        if isinstance(std, (bool, str, bytes)) or not isinstance(std, (Real, torch.Tensor)):
+            raise TypeError(f"std must be a number, got {type(std).__name__}")
+        if not math.isfinite(float(std)) or float(std) < 0:
+            raise ValueError(f"std must be a finite number >= 0, got {std!r}")
         fmt = get_format(format)
         modes = check_modes(shape)
         roles = ("mode",) * len(modes)
@@ -50,8 +56,8 @@ class FactorizedTensor(CoreModule):
     @classmethod
     def from_tensor(cls, tensor: torch.Tensor, format: str = "tucker", rank=None, **options) -> "FactorizedTensor":
         """Decompose ``tensor`` (TT-SVD, TR-SVD, CP-ALS or HOOI via tensorly) into a FactorizedTensor."""
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+        check_tensor_values("tensor", tensor)
+        check_decomposition_options(options)
         out = cls(tuple(tensor.shape), format, rank, std=float(tensor.float().std()) if tensor.numel() > 1 else 1.0,
                   device=tensor.device, dtype=tensor.dtype if tensor.is_floating_point() else None)
         out._load_cores(decompose(tensor, out.network, **options))

@@ -14,7 +14,7 @@ from ..formats import get_format
 from ..formats.network import mode_label
 from ..init import init_cores_, kaiming_std
 from ..shapes import optional_shape, resolve_rank
-from .base import CoreModule, build_network
+from .base import CoreModule, build_network, check_decomposition_options, check_tensor_values
 
 __all__ = ["TensorizedLayer", "STRATEGIES"]
 
@@ -41,6 +41,8 @@ class TensorizedLayer(CoreModule):
                             ("out_features" if self.KIND == "linear" else "out_channels", out_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be True or False, got {bias!r}")
         split = fmt.SPLIT_CHANNELS[self.KIND]
         self.in_shape = optional_shape(in_shape, in_dim, "in_shape", split)
         self.out_shape = optional_shape(out_shape, out_dim, "out_shape", split)
@@ -67,6 +69,7 @@ class TensorizedLayer(CoreModule):
     @property
     def weight(self) -> torch.Tensor:
         """The reconstructed dense weight, shaped like the ``nn`` counterpart's."""
+        self._check_materialized("weight")
         return self.plan.weight(list(self.cores)).reshape(self._weight_shape())
 
     def reset_parameters(self) -> None:
@@ -87,9 +90,14 @@ class TensorizedLayer(CoreModule):
     def init_from_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None, **options) -> float:
         """Set the cores by decomposing a dense ``weight`` (TT-SVD, TR-SVD, CP-ALS, HOOI via tensorly);
         returns and stores (``decomposition_error``) the relative Frobenius error of the fit."""
-        if tuple(weight.shape) != self._weight_shape():
+        if isinstance(weight, torch.Tensor) and tuple(weight.shape) != self._weight_shape():
             raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit {type(self).__name__} with weight "
                              f"shape {self._weight_shape()}")
+        check_tensor_values("weight", weight)
+        check_decomposition_options(options)
+        if bias is not None and self.bias is not None:
+            check_tensor_values("bias", bias, self.bias.shape)
+        self._check_materialized("init_from_weight")
         self._load_cores(decompose(self._weight_to_modes(weight), self.network, **options))
         if bias is not None and self.bias is not None:
             self.bias.copy_(bias)
@@ -99,6 +107,13 @@ class TensorizedLayer(CoreModule):
         return error
 
     # -- strategy -------------------------------------------------------------------------------------
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} expects a torch.Tensor input, got {type(x).__name__}")
+        if not (x.is_floating_point() or x.is_complex()):
+            raise TypeError(f"{type(self).__name__} expects a floating-point input, got dtype {x.dtype}")
+        self._check_materialized("forward")
+
     def _strategy_for(self, key, costs) -> str:
         """The forced strategy, or for "auto" the cheaper one by opt_einsum's FLOP estimate (ties: dense),
         decided once per input shape."""

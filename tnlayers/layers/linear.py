@@ -32,6 +32,7 @@ class TensorizedLinear(TensorizedLayer):
         return (self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expects input of shape (*, {self.in_features}), "
                              f"got {tuple(x.shape)}")

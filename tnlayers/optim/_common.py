@@ -99,8 +99,13 @@ class WrappedOptimizer(torch.optim.Optimizer):
         if kind == "instance":
             if params is not None:
                 held = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
-                if _param_ids(params) != held:
-                    raise ValueError("params must be None or exactly the parameters of the base_optimizer instance")
+                given = _param_ids(params)
+                if given != held:
+                    raise ValueError(
+                        "params must be None or exactly the parameters of the base_optimizer instance; "
+                        f"{len(given - held)} of the {len(given)} given are not in base_optimizer and "
+                        f"{len(held - given)} of its {len(held)} are not given (build the base optimizer on "
+                        "the same parameters, or pass params=None)")
             # The instance's group dicts are adopted (and given this wrapper's defaults) rather than copied,
             # so the base optimizer keeps reading the same dicts.
             super().__init__(base_optimizer.param_groups, self._wrapper_defaults)
