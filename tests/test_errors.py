@@ -177,6 +177,8 @@ ROWS = [
      "variant"),
     ("sam-rho-negative", lambda: SAM(_params(), torch.optim.SGD, rho=-1, lr=0.1), ValueError, "rho must be"),
     ("sam-eps-nan", lambda: SAM(_params(), torch.optim.SGD, eps=NAN, lr=0.1), ValueError, "eps must be"),
+    ("sam-adaptive-not-bool", lambda: SAM(_params(), torch.optim.SGD, adaptive="yes", lr=0.1), TypeError,
+     "adaptive must be a bool"),
     ("sam-second-before-first", lambda: SAM(_params(), torch.optim.SGD, lr=0.1).second_step(), RuntimeError,
      "first_step"),
     # checkpoints

@@ -72,11 +72,15 @@ class SAM(WrappedOptimizer):
         self._perturbed: Optional[List[torch.Tensor]] = None
         self._saved: Optional[List[torch.Tensor]] = None
         self._first_pass_finite: Optional[torch.Tensor] = None
-        super().__init__(params, base_optimizer, {"rho": rho, "adaptive": bool(adaptive)}, base_kwargs)
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
+        super().__init__(params, base_optimizer, {"rho": rho, "adaptive": adaptive}, base_kwargs)
 
     def _param_groups_changed(self) -> None:
         for group in self.param_groups:
             group["rho"] = check_non_negative("rho", group["rho"])
+            if not isinstance(group["adaptive"], bool):
+                raise TypeError(f"adaptive must be a bool, got {group['adaptive']!r}")
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = True) -> None:
