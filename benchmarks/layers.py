@@ -89,30 +89,47 @@ def measure(module, x, repeats, device):
     return min(times), statistics.median(times), peak
 
 
+def strategy_rows(label, make_layer, x, args, device):
+    """One row per forward strategy of a tnlayers layer (``make_layer(strategy)`` builds it)."""
+    rows = []
+    for strategy in ("dense", "factorized", "auto"):
+        layer = make_layer(strategy)
+        result = measure(layer, x, args.repeats, device)
+        chosen = next(iter(layer._choices.values()), strategy) if strategy == "auto" else strategy
+        rows.append((f"tnlayers {label}", sum(p.numel() for p in layer.parameters()),
+                     strategy if strategy != "auto" else f"auto -> {chosen}", *result))
+    return rows
+
+
+def tltorch_rows(label, make_layer, x, args, device):
+    """tensorly-torch's two implementations, when it is installed and takes this configuration."""
+    rows = []
+    for implementation in ("factorized", "reconstructed"):
+        try:
+            layer = make_layer(implementation)
+        except Exception as error:  # report, don't stop the run: tltorch's API differs by version
+            print(f"tltorch {label} {implementation}: {error}")
+            continue
+        if layer is None:
+            break
+        rows.append((f"tltorch {label}", sum(p.numel() for p in layer.parameters()), implementation,
+                     *measure(layer, x, args.repeats, device)))
+    return rows
+
+
 def run(args):
     device = torch.device(args.device)
     x = torch.randn(args.batch, 64, args.size, args.size, device=device)
-    rows = []
     dense = nn.Conv2d(64, 64, 3, padding=1, device=device)
-    dense_ms = measure(dense, x, args.repeats, device)
-    rows.append(("dense nn.Conv2d", sum(p.numel() for p in dense.parameters()), "-", *dense_ms))
+    rows = [("dense nn.Conv2d", sum(p.numel() for p in dense.parameters()), "-", *measure(dense, x, args.repeats, device))]
     for label, cls, rank, tl_factorization, tl_rank in CONFIGS:
-        for strategy in ("dense", "factorized", "auto"):
-            layer = cls(64, 64, 3, padding=1, rank=rank, strategy=strategy, device=device)
-            result = measure(layer, x, args.repeats, device)
-            chosen = next(iter(layer._choices.values()), strategy) if strategy == "auto" else strategy
-            rows.append((f"tnlayers {label}", sum(p.numel() for p in layer.parameters()),
-                         strategy if strategy != "auto" else f"auto -> {chosen}", *result))
+        rows += strategy_rows(label, lambda s: cls(64, 64, 3, padding=1, rank=rank, strategy=s, device=device),
+                              x, args, device)
         if tl_factorization is not None:
-            for implementation in ("factorized", "reconstructed"):
-                conv = tltorch_conv(tl_factorization, tl_rank, implementation, device)
-                if conv is None:
-                    break
-                rows.append((f"tltorch {label}", sum(p.numel() for p in conv.parameters()), implementation,
-                             *measure(conv, x, args.repeats, device)))
+            rows += tltorch_rows(label, lambda impl: tltorch_conv(tl_factorization, tl_rank, impl, device), x, args,
+                                 device)
         print(*rows[-1][:3], f"{rows[-1][3]:.1f} ms")
-    linear_rows = run_linear(args, device)
-    return rows, dense_ms[0], linear_rows
+    return rows, run_linear(args, device)
 
 
 def run_linear(args, device):
@@ -120,23 +137,10 @@ def run_linear(args, device):
     dense = nn.Linear(1024, 1024, device=device)
     rows = [("dense nn.Linear", sum(p.numel() for p in dense.parameters()), "-", *measure(dense, x, args.repeats, device))]
     for label, cls, rank, tl_factorization, tl_rank in LINEAR_CONFIGS:
-        for strategy in ("dense", "factorized", "auto"):
-            layer = cls(1024, 1024, rank=rank, strategy=strategy, device=device)
-            result = measure(layer, x, args.repeats, device)
-            chosen = next(iter(layer._choices.values()), strategy) if strategy == "auto" else strategy
-            rows.append((f"tnlayers {label}", sum(p.numel() for p in layer.parameters()),
-                         strategy if strategy != "auto" else f"auto -> {chosen}", *result))
+        rows += strategy_rows(label, lambda s: cls(1024, 1024, rank=rank, strategy=s, device=device), x, args, device)
         if tl_factorization is not None:
-            for implementation in ("factorized", "reconstructed"):
-                try:
-                    layer = tltorch_linear(tl_factorization, tl_rank, implementation, device)
-                except Exception as error:  # report, don't stop the run: tltorch's API differs by version
-                    print(f"tltorch {label} {implementation}: {error}")
-                    continue
-                if layer is None:
-                    break
-                rows.append((f"tltorch {label}", sum(p.numel() for p in layer.parameters()), implementation,
-                             *measure(layer, x, args.repeats, device)))
+            rows += tltorch_rows(label, lambda impl: tltorch_linear(tl_factorization, tl_rank, impl, device), x,
+                                 args, device)
     return rows
 
 
@@ -148,7 +152,7 @@ def table(rows, dense_min):
     return lines
 
 
-def write(rows, dense_min, linear_rows, args, path):
+def write(rows, linear_rows, args, path):
     device = torch.device(args.device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
@@ -162,7 +166,7 @@ def write(rows, dense_min, linear_rows, args, path):
              f"- Command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}`",
              f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; input {args.batch}x64x{args.size}x{args.size}, "
              f"64->64 3x3 conv, padding 1; {args.repeats} repeats after one warm-up; ratios of the min to the "
-             "dense nn.Conv2d's min", "", "## Conv2d 64 -> 64, 3x3", ""] + table(rows, dense_min)
+             "dense nn.Conv2d's min", "", "## Conv2d 64 -> 64, 3x3", ""] + table(rows, rows[0][3])
     lines += ["", "## Linear 1024 -> 1024, batch 256 (x dense: against nn.Linear)", ""] + table(linear_rows, linear_rows[0][3])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
@@ -180,9 +184,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows, dense_min, linear_rows = run(args)
+    rows, linear_rows = run(args)
     tag = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().replace(" ", "-").lower()
-    write(rows, dense_min, linear_rows, args, args.out or Path(__file__).parent / "results" / f"{tag}-layers.md")
+    write(rows, linear_rows, args, args.out or Path(__file__).parent / "results" / f"{tag}-layers.md")
 
 
 if __name__ == "__main__":
