@@ -11,7 +11,9 @@ CIFAR-10 is read from ``--data-dir`` in its python format (``cifar-10-batches-py
 ``test_batch``, as distributed); nothing is downloaded. ``--dataset synthetic`` makes a 10-class task with
 learnable structure (class templates under noise, random shifts) for runs without the data.
 Per epoch: train loss, test accuracy, mean norm deviation Q over the core groups, median step time;
-written as JSON and CSV to ``--out-dir`` with a PNG of the curves.
+written as JSON and CSV to ``--out-dir`` with a PNG of the curves. ``--checkpoint PATH`` saves everything
+needed to resume after every epoch (``tnlayers.training``: model, optimizer state incl. DAS/SAM, schedule,
+RNG states, data order); ``--resume`` continues from it with the same results as an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 
 import tnlayers
 from tnlayers.optim import BAR, DAS, SAM, training_step
+from tnlayers.training import load_checkpoint, save_checkpoint
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10 channel statistics
 
@@ -125,9 +128,18 @@ def train(args) -> list:
     total = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps, args.epochs * steps_per_epoch)
     opt = build_optimizer(args, model, total)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    history, step = [], 0
-    for epoch in range(args.epochs):
+    gen = torch.Generator().manual_seed(args.seed + 1)  # data order and augmentation
+    history, step, first_epoch = [], 0, 0
+    if args.resume:
+        if args.checkpoint is None:
+            raise SystemExit("--resume needs --checkpoint PATH")
+        if Path(args.checkpoint).exists():
+            saved = load_checkpoint(args.checkpoint, model, opt, sched)
+            step, extra = saved["step"], saved["extra"]
+            history, first_epoch = extra["history"], extra["epoch"]
+            gen.set_state(extra["generator"])
+            print(f"resumed from {args.checkpoint} after epoch {first_epoch} (step {step})")
+    for epoch in range(first_epoch, args.epochs):
         model.train()
         losses, times = [], []
         for idx in torch.randperm(len(y_train), generator=gen).split(args.batch_size):
@@ -148,7 +160,10 @@ def train(args) -> list:
                             test_accuracy=correct / len(y_test), mean_Q=statistics.fmean(q.values()) if q else None,
                             step_ms=1e3 * statistics.median(times) if times else None))
         print(json.dumps(history[-1]))
-        if step >= total:
+        if args.checkpoint is not None:  # after every epoch: model, optimizer, schedule, RNGs, data order
+            save_checkpoint(args.checkpoint, model, opt, sched, step=step,
+                            extra=dict(epoch=epoch + 1, history=history, generator=gen.get_state()))
+        if step >= total or (args.stop_after is not None and epoch + 1 - first_epoch >= args.stop_after):
             break
     write(args, history)
     return history
@@ -203,6 +218,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", type=Path, default=Path("runs"))
+    p.add_argument("--checkpoint", type=Path, default=None, help="save here after every epoch (atomic)")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint when it exists")
+    p.add_argument("--stop-after", type=int, default=None, help="train this many epochs now, resume later")
     args = p.parse_args(argv)
     if not 0.0 <= args.label_noise < 1.0:
         p.error("--label-noise must be in [0, 1)")

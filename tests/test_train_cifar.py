@@ -52,3 +52,15 @@ def test_compress_resnet18_smoke(tmp_path):
     # layer1's Table 9 ranks [1, 64, 64, 1] are full for 64 channels: TT-SVD is exact (fp32 rounding)
     assert all(e < 1e-5 for e in result["errors"].values())
     assert 0 <= result["after_finetune"]["top1"] <= 1 and json.loads((tmp_path / "r.json").read_text())["steps"] == 2
+
+
+def test_resume_from_checkpoint_repeats_the_uninterrupted_run(tmp_path):
+    common = ["--dataset", "synthetic", "--synthetic-size", "96", "--epochs", "3", "--batch-size", "32", "--model",
+              "resnet20", "--rank", "3", "--optimizer", "das", "--threads", "1", "--label-noise", "0.2"]
+    straight = train_cifar.main(common + ["--out-dir", str(tmp_path / "a")])
+    ckpt = tmp_path / "run.pt"
+    first = train_cifar.main(common + ["--out-dir", str(tmp_path / "b"), "--checkpoint", str(ckpt), "--stop-after", "1"])
+    assert len(first) == 1 and ckpt.exists()
+    resumed = train_cifar.main(common + ["--out-dir", str(tmp_path / "b"), "--checkpoint", str(ckpt), "--resume"])
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "step_ms"} for r in rows]  # noqa: E731
+    assert drop_time(resumed) == drop_time(straight)
