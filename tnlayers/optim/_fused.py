@@ -78,13 +78,18 @@ class FusedDASStep:
         self._plans = weakref.WeakKeyDictionary()
 
     @staticmethod
-    def unsupported(layout, forced: bool) -> Optional[str]:
-        dtypes = {c.dtype for c in layout.cores}
+    def unsupported(cores, grads, forced: bool) -> Optional[str]:
+        """Why these cores (or a rank's local shards of them) and their gradients cannot take the kernels;
+        None when they can."""
+        tensors = (*cores, *grads)
+        dtypes = {t.dtype for t in tensors}
         if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.bfloat16, torch.float16):
-            return f"cores of one dtype among float32/bfloat16/float16 (got {sorted(map(str, dtypes))})"
-        if not all(c.is_contiguous() and c.grad.is_contiguous() and c.grad.dtype == c.dtype for c in layout.cores):
-            return "contiguous cores and gradients of the cores' dtype"
-        if not triton_usable(layout.cores[0].device, interpreter_ok=forced):
+            return f"cores and gradients of one dtype among float32/bfloat16/float16 (got {sorted(map(str, dtypes))})"
+        if not all(t.is_contiguous() for t in tensors):
+            return "contiguous cores and gradients"
+        if sum(t.numel() for t in cores) == 0:
+            return "cores with elements on this rank"
+        if not triton_usable(cores[0].device, interpreter_ok=forced):
             return "triton installed and CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
         return None
 

@@ -101,7 +101,7 @@ class DAS(CoreScalingOptimizer):
             return False
         if layout.sharded:
             return self._fused_sharded_step(layout)
-        reason = FusedDASStep.unsupported(layout, forced=self.backend == "triton")
+        reason = FusedDASStep.unsupported(layout.cores, [c.grad for c in layout.cores], self.backend == "triton")
         if reason is not None:
             if self.backend == "triton":
                 raise RuntimeError(f"DAS backend='triton' needs {reason}; use backend='torch' or 'auto'")
@@ -115,20 +115,11 @@ class DAS(CoreScalingOptimizer):
     def _fused_sharded_step(self, layout: CoreLayout) -> bool:
         """DTensor cores through the kernels, on each rank's local shards: the reduction kernel, one all-reduce
         of the packed [s; γ], the rescale kernel, then the base optimizer's own step (not fused here)."""
-        from ._fused import triton_usable
-
         forced = self.backend == "triton"
         layout.check_sharded_grads()
         local = layout.local_cores()
         grads = [c.grad.to_local() for c in layout.cores]
-        dtypes = {t.dtype for t in local + grads}
-        reason = None
-        if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.bfloat16, torch.float16):
-            reason = f"local shards of one dtype among float32/bfloat16/float16 (got {sorted(map(str, dtypes))})"
-        elif not all(t.is_contiguous() for t in local + grads) or sum(t.numel() for t in local) == 0:
-            reason = "contiguous, non-empty local shards of the cores and their gradients"
-        elif not triton_usable(local[0].device, interpreter_ok=forced):
-            reason = "triton installed and CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+        reason = FusedDASStep.unsupported(local, grads, forced)
         if reason is not None:
             if forced:
                 raise RuntimeError(f"DAS backend='triton' needs {reason}; use backend='torch' or 'auto'")
