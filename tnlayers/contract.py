@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from math import prod
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import opt_einsum
 import torch
@@ -24,7 +24,6 @@ from .formats.network import Network, einsum_equation, mode_label
 
 __all__ = ["expression", "LinearPlan", "ConvPlan"]
 
-STRATEGIES = ("auto", "dense", "factorized")
 _BATCH = "_batch"  # label of the input's batch axis (never clashes with m*/r*)
 
 

@@ -76,10 +76,6 @@ class Network:
     def ranks(self) -> Dict[str, int]:
         return {b: self.sizes[b] for b in self.bonds}
 
-    def with_sizes(self, sizes: Dict[str, int]) -> "Network":
-        """The same network with some label sizes changed (used for decompositions of lower rank)."""
-        return Network(self.format, self.modes, self.cores, {**self.sizes, **sizes})
-
     def equation(self, output: Sequence[str] | None = None) -> str:
         """Einsum equation of the cores; ``output`` defaults to the modes in order (the full tensor)."""
         output = [mode_label(i) for i in range(len(self.modes))] if output is None else output

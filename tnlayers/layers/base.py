@@ -7,7 +7,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from ..formats import FORMATS, get_format
+from ..formats import FORMATS
 from ..formats.network import Network
 from ..groups import group_of, mark_core_group
 
@@ -124,6 +124,3 @@ class CoreModule(nn.Module):
     def _load_cores(self, cores: Sequence[torch.Tensor]) -> None:
         for param, value in zip(self.cores, cores):
             param.copy_(value.to(param.dtype))
-
-    def _format_module(self):
-        return get_format(self.network.format)

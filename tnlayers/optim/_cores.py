@@ -15,6 +15,7 @@ the sum stays exact. After ``fully_shard`` the parameters are new objects: call
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -32,13 +33,6 @@ def stat_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
 def foreach_squared_norms(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """||t||_F² of each tensor as one vector, in one multi-tensor launch."""
     return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=dtype)).square()
-
-
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
 
 
 def _dtensor_type(cores: Sequence[torch.Tensor]) -> Optional[type]:
@@ -89,7 +83,7 @@ class CoreLayout:
             if any(not (p.is_shard() or p.is_replicate()) for p in c.placements):
                 raise ValueError(f"sharded cores must be Shard or Replicate on each mesh dimension, got {c.placements}")
         dims = sorted({d for c in self.cores for d, p in enumerate(c.placements) if p.is_shard()})
-        weights = [1.0 / _prod(mesh.size(d) for d in dims if c.placements[d].is_replicate()) for c in self.cores]
+        weights = [1.0 / math.prod(mesh.size(d) for d in dims if c.placements[d].is_replicate()) for c in self.cores]
         if any(w != 1.0 for w in weights):
             self._weights = torch.tensor(weights * 2, dtype=self.dtype, device=self.segment.device)
         self._reduce_groups = [mesh.get_group(d) for d in dims]
