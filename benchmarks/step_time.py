@@ -1,12 +1,15 @@
-"""Median training-step time of SGD, SAM, DAS (and BAR) on a small tensorized CNN, as ratios to SGD.
+"""Median training-step time of SGD, SAM, DAS, BAR, X-SAM and GSAM on a small tensorized CNN, as ratios to SGD.
 
     python benchmarks/step_time.py                      # CPU, writes benchmarks/results/step_time_cpu.md
     python benchmarks/step_time.py --device cuda --out benchmarks/results/step_time_cuda.md
 
-A training step is forward + backward + optimizer step (SAM: two forward/backward passes). Methods are
-timed in interleaved rounds, so a background load affects them alike; the median over all measured steps
-is reported. The optimizer-only columns time ``step()`` alone (for DAS the core rescale plus the base
-step), the part DAS adds to. Targets (issue 3): DAS ≤ 1.10× and SAM ≤ 2.1× SGD per training step.
+A training step is forward + backward + optimizer step (SAM, GSAM, X-SAM: two forward/backward passes;
+X-SAM also re-estimates the top Hessian eigenvector every ``--eig-every`` steps, which its step time
+includes on those steps). Methods are timed in interleaved rounds, so a background load affects them
+alike; the median over all measured steps is reported, and the mean, which spreads X-SAM's eigen-updates
+over the steps (amortized cost). The eigen-update alone is timed too. The optimizer-only columns time
+``step()`` alone (for DAS the core rescale plus the base step), the part DAS adds to. Targets (issue 3):
+DAS ≤ 1.10× and SAM ≤ 2.1× SGD per training step.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from tqdm import tqdm  # noqa: E402
 
 import tnlayers  # noqa: E402
 from tnlayers.groups import core_groups  # noqa: E402
-from tnlayers.optim import BAR, DAS, SAM, disable_running_stats  # noqa: E402
+from tnlayers.optim import BAR, DAS, GSAM, SAM, XSAM, disable_running_stats  # noqa: E402
 
 FORMATS = {"tucker": "TuckerConv2d", "tt": "TTConv2d", "tr": "TRConv2d", "cp": "CPConv2d"}
 
@@ -72,7 +75,7 @@ def describe_model(args) -> str:
             }[args.model]
 
 
-def make_optimizer(method: str, params, total_steps: int):
+def make_optimizer(method: str, params, total_steps: int, eig_every: int = 10, eig_iters: int = 5):
     base = dict(lr=0.05, momentum=0.9, weight_decay=1e-4)
     if method == "SGD":
         return torch.optim.SGD(params, **base)
@@ -84,6 +87,10 @@ def make_optimizer(method: str, params, total_steps: int):
         return DAS(params, torch.optim.SGD, alpha=0.1, backend="triton", **base)
     if method == "BAR":
         return BAR(params, torch.optim.SGD, alpha=0.1, total_steps=total_steps, **base)
+    if method == "XSAM":
+        return XSAM(params, torch.optim.SGD, rho=0.05, xi=0.5, eig_every=eig_every, eig_iters=eig_iters, **base)
+    if method == "GSAM":
+        return GSAM(params, torch.optim.SGD, rho=0.05, alpha=0.1, **base)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -93,9 +100,15 @@ def synchronize(device: torch.device) -> None:
 
 
 def training_step(model, opt, x, y, device) -> tuple:
-    """(whole step seconds, optimizer-step seconds)."""
+    """(whole step seconds, optimizer-step seconds, eigen-update seconds or None)."""
     synchronize(device)
     start = time.perf_counter()
+    eigen = None
+    if isinstance(opt, XSAM) and opt.eigen_update_due:
+        with disable_running_stats(model):
+            opt.update_eigenvector(lambda: F.cross_entropy(model(x), y))
+        synchronize(device)
+        eigen = time.perf_counter() - start
     opt.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
     if isinstance(opt, SAM):
@@ -107,7 +120,7 @@ def training_step(model, opt, x, y, device) -> tuple:
     opt.step()
     synchronize(device)
     end = time.perf_counter()
-    return end - start, end - before_step
+    return end - start, end - before_step, eigen
 
 
 def machine_description(device: torch.device) -> str:
@@ -139,21 +152,27 @@ def run(args) -> dict:
     for method in args.methods:
         torch.manual_seed(0)
         model = build_model(args, device)
-        setups[method] = (model, make_optimizer(method, model.parameters(), args.warmup + args.rounds * args.steps))
+        setups[method] = (model, make_optimizer(method, model.parameters(), args.warmup + args.rounds * args.steps,
+                                                args.eig_every, args.eig_iters))
     for method, (model, opt) in setups.items():
         for _ in range(args.warmup):
             training_step(model, opt, x, y, device)
     times = {m: ([], []) for m in args.methods}
+    eigen_times = {m: [] for m in args.methods}
     for _ in tqdm(range(args.rounds), desc="rounds", disable=not sys.stderr.isatty()):
         for method, (model, opt) in setups.items():
             for _ in range(args.steps):
-                whole, step = training_step(model, opt, x, y, device)
+                whole, step, eigen = training_step(model, opt, x, y, device)
                 times[method][0].append(whole)
                 times[method][1].append(step)
+                if eigen is not None:
+                    eigen_times[method].append(eigen)
     model = setups[args.methods[0]][0]
     return {
         "medians": {m: (statistics.median(w), statistics.median(s)) for m, (w, s) in times.items()},
         "spread": {m: (min(w), max(w)) for m, (w, s) in times.items()},
+        "means": {m: statistics.fmean(w) for m, (w, s) in times.items()},
+        "eigen_updates": {m: (statistics.median(e), len(e)) for m, e in eigen_times.items() if e},
         "n_groups": len(core_groups(model)),
         "n_cores": sum(len(c) for _, c in core_groups(model)),
         "n_params": sum(p.numel() for p in model.parameters()),
@@ -174,19 +193,30 @@ def report(args, result) -> str:
         f"- Model: {describe_model(args)}; {result['n_groups']} core groups, {result['n_cores']} cores, "
         f"{result['n_params']} parameters",
         f"- Batch {args.batch} x 3 x {args.size} x {args.size}; optimizers: SGD(lr 0.05, momentum 0.9, wd 1e-4); "
-        "SAM rho 0.05; DAS alpha 0.1; BAR alpha 0.1",
+        f"SAM rho 0.05; DAS alpha 0.1; BAR alpha 0.1; XSAM rho 0.05, xi 0.5, eig_every {args.eig_every}, "
+        f"eig_iters {args.eig_iters}; GSAM rho 0.05, alpha 0.1",
         f"- Median over {result['samples']} steps per method ({args.rounds} interleaved rounds of {args.steps}, "
         f"after {args.warmup} warm-up steps)",
         "",
-        "| method | training step median (ms) | min | max | x SGD | optimizer step (ms) | x SGD step |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | training step median (ms) | min | max | x SGD | mean (ms) | mean x SGD mean | optimizer step (ms) "
+        "| x SGD step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    sgd_mean = result["means"]["SGD"]
     for method, (whole, step) in medians.items():
         low, high = result["spread"][method]
+        mean = result["means"][method]
         lines.append(f"| {method} | {whole * 1e3:.2f} | {low * 1e3:.2f} | {high * 1e3:.2f} | {whole / sgd_whole:.2f} | "
-                     f"{step * 1e3:.3f} | {step / sgd_step:.2f} |")
+                     f"{mean * 1e3:.2f} | {mean / sgd_mean:.2f} | {step * 1e3:.3f} | {step / sgd_step:.2f} |")
     lines += ["", "Targets (issues 3, 6): DAS <= 1.10x SGD, SAM <= 2.1x (1.8-2.2x) SGD per training step. The optimizer-step "
-              "column for SAM is its second_step (restore + base step); its first_step sits in the whole step."]
+              "column for SAM/GSAM/XSAM is its second_step (restore, correction, base step); its first_step sits in the "
+              "whole step."]
+    for method, (eigen, count) in result["eigen_updates"].items():
+        lines += ["", f"{method} eigen-update (power iteration, {args.eig_iters} Hessian-vector products: 1 forward + "
+                  f"1 backward with graph + {args.eig_iters} double-backward passes): median {eigen * 1e3:.2f} ms over "
+                  f"{count} updates = {eigen / sgd_whole:.2f}x an SGD training step, {eigen / medians[method][0]:.2f}x "
+                  f"an {method} step without update; every {args.eig_every} steps it adds "
+                  f"{eigen / args.eig_every * 1e3:.2f} ms per step on average (included in the mean column)."]
     return "\n".join(lines) + "\n"
 
 
@@ -207,11 +237,14 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--steps", type=int, default=2, help="steps per method per round")
     parser.add_argument("--methods", nargs="+", default=None,
-                        help="default: SGD SAM DAS BAR, plus DAS-triton on CUDA")
+                        help="default: SGD SAM DAS BAR XSAM GSAM, plus DAS-triton on CUDA")
+    parser.add_argument("--eig-every", type=int, default=10, help="XSAM: steps between eigenvector updates")
+    parser.add_argument("--eig-iters", type=int, default=5, help="XSAM: power iterations per update")
     parser.add_argument("--out", default=None, help="markdown file (default: benchmarks/results/step_time_<device>.md)")
     args = parser.parse_args(argv)
     if args.methods is None:
-        args.methods = ["SGD", "SAM", "DAS", "BAR"] + (["DAS-triton"] if args.device.startswith("cuda") else [])
+        args.methods = ["SGD", "SAM", "DAS", "BAR", "XSAM", "GSAM"] + (
+            ["DAS-triton"] if args.device.startswith("cuda") else [])
     if "SGD" not in args.methods:
         args.methods = ["SGD"] + args.methods
     if args.threads:

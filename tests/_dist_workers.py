@@ -209,6 +209,17 @@ def _fsdp_das(rank, world, backend):
         losses.append(_global_loss(loss))
     state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
              for k, v in model.state_dict().items()}
+    # FSDP re-gathers cores without bumping version counters: a no-grad forward after a step must not reuse
+    # a weight cached before it (compared with a grad-enabled forward, which never caches)
+    with tnlayers.set_strategy("dense"):
+        with torch.no_grad():
+            model(x)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        with torch.no_grad():
+            after_step = model(x)
+        fresh = model(x).detach()
+    assert torch.allclose(after_step, fresh, rtol=1e-5, atol=1e-6), "stale weight under FSDP"
     return (losses, state), bool(opt.last_lambdas[1].abs().max() > 0)
 
 

@@ -93,12 +93,20 @@ def test_norm_dynamics_quick(tmp_path):
     for noise in noises:  # SGD conserves Q (Theorem 1) up to O(lr²) per step
         q = results["runs"][f"sgd/{noise:g}"]["Q"]
         assert abs(q[-1] / q[0] - 1.0) < 0.01, (noise, q[0], q[-1])
-    for optimizer in ("sam", "das"):  # SAM and DAS lower Q, faster with more noise (Theorem 3, Fig. 1)
+    for optimizer in ("sam", "das", "xsam"):  # SAM, DAS (and X-SAM, SAM-based) lower Q, faster with more noise
         ratios = [results["runs"][f"{optimizer}/{noise:g}"]["Q"][-1] / results["runs"][f"{optimizer}/{noise:g}"]["Q"][0]
                   for noise in noises]
         assert all(r < 1.0 for r in ratios), (optimizer, ratios)
         assert all(later < earlier for earlier, later in zip(ratios, ratios[1:])), (optimizer, ratios)
         assert ratios[-1] < 0.99, (optimizer, ratios)
+    # Sharpness at the end, one row per run in the table: SAM and X-SAM end flatter than SGD under noise.
+    table = (tmp_path / "norm_dynamics.md").read_text()
+    for key, run in results["runs"].items():
+        assert run["sharpness"] > 0 and run["clean_loss"] < run["clean_loss_start"], key
+        assert f"| {run['optimizer'].upper()} | {run['noise']:g} | {run['sharpness']:.4f} |" in table
+    for noise in noises[1:]:
+        sgd = results["runs"][f"sgd/{noise:g}"]["sharpness"]
+        assert all(results["runs"][f"{o}/{noise:g}"]["sharpness"] < sgd for o in ("sam", "xsam")), noise
 
 
 def test_norm_dynamics_rejects_bad_arguments():
@@ -107,3 +115,6 @@ def test_norm_dynamics_rejects_bad_arguments():
         norm_dynamics.parse_args(["--rank", "50"])
     with pytest.raises(ValueError):
         norm_dynamics.parse_args(["--lr", "-0.1"])
+    for argv in (["--xi", "nan"], ["--xi", "-1"], ["--eig-every", "0"], ["--eig-iters", "0"]):
+        with pytest.raises(ValueError):
+            norm_dynamics.parse_args(argv)

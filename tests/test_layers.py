@@ -241,13 +241,13 @@ def test_float_rank_keeps_fraction_of_dense_params():
         assert layer.network.num_params > 0.02 * 32 * 64 * 9
 
 
-def test_auto_picks_cheaper_strategy_per_input_shape():
-    cheap = TTConv2d(64, 64, 3, padding=1, rank=4)
-    big = TTConv2d(64, 64, 3, padding=1, rank=[1, 64, 64, 1])
+def test_flops_strategy_picks_cheaper_per_input_shape():
+    cheap = TTConv2d(64, 64, 3, padding=1, rank=4, strategy="flops")
+    big = TTConv2d(64, 64, 3, padding=1, rank=[1, 64, 64, 1], strategy="flops")
     x = torch.randn(16, 64, 16, 16)
     cheap(x), big(x)  # factorized: 1x1 + 3x3 + 1x1 at full rank costs more than one dense 3x3 conv
-    assert cheap._choices == {(16, 16, 16): "factorized"}
-    assert big._choices == {(16, 16, 16): "dense"}
+    assert (cheap.last_strategy, big.last_strategy) == ("factorized", "dense")
+    assert [key[1] for key in cheap._choices] == [(16, 64, 16, 16)]
 
 
 def test_unbatched_conv_input():

@@ -8,13 +8,18 @@ from .layers import (CPConv2d, CPLinear, FactorizedTensor, TensorizedConv2d, Ten
                      TRLinear, TTConv2d, TTLinear, TuckerConv2d, TuckerLinear)
 from .metrics import norm_deviation, norm_report
 from . import models, optim, training
-from .optim import BAR, DAS, SAM
+from .optim import BAR, DAS, GSAM, SAM, XSAM
 from .shapes import tensorize_dim
+from .strategy import get_strategy, set_strategy
 from .tensorize import summary, tensorize, to_dense  # the function shadows the submodule, as torchao's quantize_
+from .adapters import adapt, trainable_parameters
+from .adapters import merge as merge_adapters, unmerge as unmerge_adapters
 
 __version__ = "0.1.0"
 
 __all__ = ["FactorizedTensor", "TensorizedLinear", "TensorizedConv2d", "TTConv2d", "TRConv2d", "CPConv2d",
            "TuckerConv2d", "TTLinear", "TRLinear", "CPLinear", "TuckerLinear", "core_groups", "norm_deviation",
-           "norm_report", "tensorize_dim", "FORMATS", "SAM", "DAS", "BAR", "tensorize", "summary", "to_dense",
-           "models", "optim", "training"]
+           "norm_report", "tensorize_dim", "FORMATS", "SAM", "XSAM", "GSAM", "DAS", "BAR", "tensorize", "summary",
+           "to_dense",
+           "set_strategy", "get_strategy", "models", "optim", "training", "adapt", "merge_adapters",
+           "unmerge_adapters", "trainable_parameters"]

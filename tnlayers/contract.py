@@ -8,7 +8,10 @@ Two ways to apply a tensorized layer to an input:
   the input side, the kernel and the output side (CP's rank) make the conv depthwise (groups);
   bonds passing from input side to output side around the kernel (a tensor ring's closing bond) are
   folded into the batch.
-Each plan carries opt_einsum's FLOP estimate, so ``"auto"`` can pick the cheaper one per input shape.
+Each plan carries opt_einsum's FLOP estimate, which ``"auto"`` starts from (see :mod:`tnlayers.strategy`).
+
+opt_einsum only plans: a :class:`Contraction` runs its pairwise steps as plain ``torch.einsum`` calls, so
+``torch.compile(fullgraph=True)`` traces a layer's forward without entering opt_einsum (or numpy).
 """
 from __future__ import annotations
 
@@ -22,16 +25,36 @@ import torch.nn.functional as F
 
 from .formats.network import Network, einsum_equation, mode_label
 
-__all__ = ["expression", "LinearPlan", "ConvPlan"]
+__all__ = ["Contraction", "expression", "LinearPlan", "ConvPlan"]
 
 _BATCH = "_batch"  # label of the input's batch axis (never clashes with m*/r*)
+NOMINAL_ROWS = 1024  # batch size a linear layer's factorized path is planned for when it cannot be re-planned
+
+
+class Contraction:
+    """An einsum over fixed operand shapes, as opt_einsum's pairwise steps: ``(positions, equation)``,
+    the operands at ``positions`` (descending) popped from the working list and their einsum appended."""
+
+    def __init__(self, equation: str, shapes: Tuple[Tuple[int, ...], ...]):
+        _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="auto")
+        self.equation = equation
+        self.cost = int(info.opt_cost)
+        self.steps = tuple((tuple(positions), step) for positions, _, step, _, _ in info.contraction_list)
+
+    def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
+        work = list(operands)
+        for positions, step in self.steps:
+            picked = [work.pop(i) for i in positions]
+            work.append(torch.einsum(step, *picked))
+        return work[0]
 
 
 @lru_cache(maxsize=4096)
 def expression(equation: str, shapes: Tuple[Tuple[int, ...], ...]):
-    """(ContractExpression, FLOP estimate) for an equation and operand shapes; path searched once."""
-    path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="auto")
-    return opt_einsum.contract_expression(equation, *shapes, optimize=path), int(info.opt_cost)
+    """(Contraction, FLOP estimate) for an equation and operand shapes; the path is searched once per
+    (equation, shapes), so identical layers share it."""
+    contraction = Contraction(equation, shapes)
+    return contraction, contraction.cost
 
 
 def _under_autocast(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
@@ -58,11 +81,11 @@ class _Plan:
         self._weight_expr, self.weight_cost = expression(eq, self.shapes)
 
     def size(self, labels) -> int:
-        return prod(self.net.sizes[label] for label in labels)
+        return prod([self.net.sizes[label] for label in labels])
 
     def weight(self, cores: Sequence[torch.Tensor]) -> torch.Tensor:
         """Cores -> weight of shape (out, in, *spatial modes), out/in flattened row-major."""
-        w = self._weight_expr(*_under_autocast(cores))
+        w = self._weight_expr(*_under_autocast(cores)).contiguous()  # the layout conv/linear kernels read
         return w.reshape(self.size(self.out_modes), self.size(self.in_modes), *w.shape[w.dim() - len(self.spatial_modes):])
 
 
@@ -72,14 +95,21 @@ class LinearPlan(_Plan):
     def __init__(self, net: Network, roles: Sequence[str]):
         super().__init__(net, roles)
         self._equation = einsum_equation([(_BATCH, *self.in_modes), *net.cores], (_BATCH, *self.out_modes))
+        self._nominal = self._factorized_expr(NOMINAL_ROWS)
 
     def _factorized_expr(self, batch: int):
+        """The path depends on the batch size: planned per size in eager mode; a traced forward (no
+        planning while tracing) uses the one planned at construction for ``NOMINAL_ROWS`` rows."""
+        if torch.compiler.is_compiling():
+            return self._nominal
         x_shape = (batch, *(self.net.sizes[m] for m in self.in_modes))
         return expression(self._equation, (x_shape, *self.shapes))
 
     def costs(self, batch: int) -> Tuple[int, int]:
         """(dense, factorized) FLOP estimates for a batch of ``batch`` rows."""
         dense = self.weight_cost + 2 * batch * self.size(self.in_modes) * self.size(self.out_modes)
+        if torch.compiler.is_compiling():  # the nominal plan's cost, scaled (it grows about linearly in rows)
+            return dense, self._nominal[1] * batch // NOMINAL_ROWS
         return dense, self._factorized_expr(batch)[1]
 
     def factorized(self, x2d: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -138,8 +168,9 @@ class ConvPlan(_Plan):
             * self.size(self.outof) * self.size(self.into) * taps
         return dense, self.in_cost + self.kernel_cost + self.out_cost + maps + conv
 
-    def factorized(self, x: torch.Tensor, cores: Sequence[torch.Tensor], conv_args: dict) -> torch.Tensor:
-        """``x``: (B, C_in, H, W), already padded if the padding mode is not zeros."""
+    def factorized(self, x: torch.Tensor, cores: Sequence[torch.Tensor], conv_args: dict, bias=None) -> torch.Tensor:
+        """``x``: (B, C_in, H, W), already padded if the padding mode is not zeros. The bias goes into the
+        last 1x1 conv (one pass over the output fewer than adding it after)."""
         batch, c_in, h, w = x.shape
         x, *cores = _under_autocast([x, *cores])
         pick = lambda side: [cores[k] for k in self.sides[side]]  # noqa: E731
@@ -152,6 +183,6 @@ class ConvPlan(_Plan):
         y = F.conv2d(t, kernel, None, groups=groups, **conv_args)
         y = y.reshape(batch, self.size(self.mid_out), *y.shape[-2:])
         m_out = self._out_expr(*pick("out")).reshape(self.size(self.out_modes), self.size(self.mid_out), 1, 1)
-        return F.conv2d(y, m_out)
+        return F.conv2d(y, m_out, None if bias is None else bias.to(y.dtype))
 
 

@@ -11,6 +11,7 @@ themselves after unpickling/deepcopy, and :func:`core_groups` re-marks every gro
 from __future__ import annotations
 
 import itertools
+import sys
 from typing import Iterable, List, Sequence, Tuple
 
 import torch
@@ -44,19 +45,36 @@ def core_groups(model: nn.Module) -> List[Tuple[str, List[nn.Parameter]]]:
 
     A module holds a group when it defines ``core_parameters()`` (every tnlayers layer and
     :class:`~tnlayers.FactorizedTensor` does). The markers of each group are refreshed, so the result
-    is right even after the model was deep-copied or its parameters replaced.
+    is right even after the model was deep-copied or its parameters replaced. Call it after FSDP's
+    ``fully_shard``: it also turns the layers' no-grad weight cache off there.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"core_groups expects an nn.Module, got {type(model).__name__}")
+    sharded = _fsdp_sharded(model)
     groups = []
     for name, module in model.named_modules():
         get_cores = getattr(module, "core_parameters", None)
         if callable(get_cores):
+            if sharded and hasattr(module, "cache_weight"):
+                # FSDP re-gathers parameters without bumping their version counters, which the no-grad
+                # weight cache keys on: under FSDP the layers rebuild the weight on every call
+                module.cache_weight = False
             cores = list(get_cores())
             if [group_of(c) for c in cores] != [group_of(cores[0])] * len(cores) or group_of(cores[0]) is None:
                 mark_core_group(cores)
             groups.append((name, cores))
     return groups
+
+
+def _fsdp_sharded(model: nn.Module) -> bool:
+    """Whether FSDP (``fully_shard`` or ``FullyShardedDataParallel``) manages any part of ``model``; looked up
+    only when the user has imported FSDP, so this never imports torch.distributed itself."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return False
+    kinds = tuple(k for k in (getattr(fsdp, "FSDPModule", None), getattr(fsdp, "FullyShardedDataParallel", None))
+                  if k is not None)
+    return bool(kinds) and any(isinstance(m, kinds) for m in model.modules())
 
 
 def split_by_group(params: Iterable[torch.Tensor]) -> Tuple[List[List[torch.Tensor]], List[torch.Tensor]]:

@@ -69,6 +69,12 @@ def _is_glob(key: str) -> bool:
     return any(c in key for c in "*?[")
 
 
+def _close_matches_hint(key: str, known: List[str]) -> str:
+    """What to tell a user whose module name matched nothing: the close matches, else the first names."""
+    close = difflib.get_close_matches(key, known, n=5, cutoff=0.5)
+    return f"close matches: {close}" if close else f"its Conv/Linear modules start {known[:8]}"
+
+
 def _check_keys(keys, known: List[str], arg: str) -> None:
     """Every name must be a Conv/Linear module of the model and every glob must match one."""
     for key in keys:
@@ -81,9 +87,8 @@ def _check_keys(keys, known: List[str], arg: str) -> None:
                 raise ValueError(f"{arg}: pattern {key!r} matches no Conv/Linear module of the model; "
                                  f"its Conv/Linear modules start {known[:8]}")
         elif key not in known:
-            close = difflib.get_close_matches(key, known, n=5, cutoff=0.5)
-            hint = f"close matches: {close}" if close else f"its Conv/Linear modules start {known[:8]}"
-            raise ValueError(f"{arg}: the model has no Conv/Linear module named {key!r}; {hint}")
+            raise ValueError(f"{arg}: the model has no Conv/Linear module named {key!r}; "
+                             f"{_close_matches_hint(key, known)}")
 
 
 def _lookup(table: Mapping, name: str):
@@ -162,9 +167,15 @@ def _plan(model: nn.Module, format, rank, filter, shapes) -> Tuple[Dict[str, _La
         linears = [n for n, m in modules if isinstance(m, nn.Linear)]
         classifier = linears[-1] if linears else None
         select = lambda name, module: name != classifier  # noqa: E731
+    from .adapters.layer import Adapter  # (here: the adapters package imports this module)
+
+    adapters = [n + "." for n, m in model.named_modules() if isinstance(m, Adapter)]
     plans, left_dense = {}, []
     for name, module in modules:
         if isinstance(module, TensorizedLayer):  # already done (as torchao's default filter skips)
+            continue
+        if any(name.startswith(prefix) for prefix in adapters):
+            left_dense.append(f"{name}: the frozen base of an adapter (tnlayers.adapt): merge or unadapt first")
             continue
         if select is not None and not select(name, module):
             continue

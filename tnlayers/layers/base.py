@@ -88,6 +88,7 @@ class CoreModule(nn.Module):
         return dict(self.network.ranks)
 
     def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_weight_cache", None)  # a cached weight belongs to the old storage
         out = super()._apply(fn, *args, **kwargs)
         cores = list(self.cores)
         if any(group_of(c) is None for c in cores):  # e.g. to_empty() from meta made new parameter objects
@@ -95,6 +96,7 @@ class CoreModule(nn.Module):
         return out
 
     def __setstate__(self, state):
+        state.pop("_weight_cache", None)  # deepcopy/unpickling: the copy rebuilds its own
         super().__setstate__(state)
         mark_core_group(list(self.cores))  # deepcopy/unpickling makes new parameter objects without markers
 

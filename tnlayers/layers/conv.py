@@ -45,7 +45,9 @@ class TensorizedConv2d(TensorizedLayer):
     """``nn.Conv2d`` (same arguments; ``groups`` must be 1) whose (C_out, C_in, kh, kw) weight is a tensor
     network over (in modes..., spatial modes..., out modes...). ``rank``: int, per-bond sequence, or float
     in (0, 1] (fraction of the dense parameter count). ``strategy``: "dense" (rebuild W, one conv),
-    "factorized" (1x1 maps -> small k x k conv -> 1x1 maps) or "auto" (cheaper by FLOPs, per input shape)."""
+    "factorized" (1x1 maps -> small k x k conv -> 1x1 maps), "flops" (fewer FLOPs) or "auto" (FLOPs, refined
+    by timing both once per input shape: :mod:`tnlayers.strategy`). Without gradients (``torch.no_grad``,
+    ``eval`` inference) the dense weight is cached until a core changes, so inference costs one conv."""
 
     KIND = "conv"
 
@@ -101,22 +103,24 @@ class TensorizedConv2d(TensorizedLayer):
         if self._explicit_pad:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._pad, mode=mode)
-        y = self._conv(x)
+        y = self._apply_cores(x)
         return y.squeeze(0) if unbatched else y
 
-    def _conv(self, x):
+    def _apply_config(self):
+        return (self.kernel_size, tuple(sorted(self._conv_args.items())))
+
+    def _dense(self, x, weight, bias):
+        return F.conv2d(x, weight, bias, **self._conv_args)
+
+    def _factorized(self, x, cores, bias):
+        return self.plan.factorized(x, cores, self._conv_args, bias)
+
+    def _costs(self, x):
         batch, _, h, w = x.shape
         pad_h, pad_w = self._conv_args["padding"]
-
-        def costs():
-            h_out = output_size(h, self.kernel_size[0], self.stride[0], 2 * pad_h, self.dilation[0])
-            w_out = output_size(w, self.kernel_size[1], self.stride[1], 2 * pad_w, self.dilation[1])
-            return self.plan.costs(batch, h, w, max(h_out, 1), max(w_out, 1))
-
-        if self._strategy_for((batch, h, w), costs) == "dense":
-            return F.conv2d(x, self.weight, self.bias, **self._conv_args)
-        y = self.plan.factorized(x, list(self.cores), self._conv_args)
-        return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)
+        h_out = output_size(h, self.kernel_size[0], self.stride[0], 2 * pad_h, self.dilation[0])
+        w_out = output_size(w, self.kernel_size[1], self.stride[1], 2 * pad_w, self.dilation[1])
+        return self.plan.costs(batch, h, w, max(h_out, 1), max(w_out, 1))
 
     @classmethod
     def from_dense(cls, module: nn.Conv2d, *, rank, format: str | None = None, in_shape=None, out_shape=None,

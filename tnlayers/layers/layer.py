@@ -14,17 +14,20 @@ from ..formats import get_format
 from ..formats.network import mode_label
 from ..init import init_cores_, kaiming_std
 from ..shapes import optional_shape, resolve_rank
+from ..strategy import STRATEGIES, by_flops, check_strategy, decide, get_strategy
 from .base import CoreModule, build_network, check_decomposition_options, check_tensor_values
 
 __all__ = ["TensorizedLayer", "STRATEGIES"]
 
-STRATEGIES = ("auto", "dense", "factorized")
 _MAX_CACHED_SHAPES = 64
 
 
 class TensorizedLayer(CoreModule):
     FORMAT = None  # set by the thin named classes (TTConv2d: "tt", ...)
     KIND = None  # "linear" | "conv"
+    cache_weight = True  # reuse the dense weight while no core changes, when no graph needs it
+    _weight_cache = None
+    last_strategy = None  # the strategy the last eager forward ran ("dense" or "factorized")
 
     def _setup(self, format, in_dim, out_dim, kernel: Tuple[int, ...], rank, in_shape, out_shape, bias,
                strategy, device, dtype):
@@ -35,8 +38,7 @@ class TensorizedLayer(CoreModule):
         elif self.FORMAT is not None and format != self.FORMAT:
             raise ValueError(f"{type(self).__name__} is format {self.FORMAT!r}; got format={format!r}")
         fmt = get_format(format)
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        check_strategy(strategy)
         for name, value in (("in_features" if self.KIND == "linear" else "in_channels", in_dim),
                             ("out_features" if self.KIND == "linear" else "out_channels", out_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -57,6 +59,9 @@ class TensorizedLayer(CoreModule):
         self.roles = roles
         self.strategy = strategy
         self._choices = {}
+        # what a timed choice depends on besides the input: layers alike share decisions (tnlayers.strategy)
+        self._config = (type(self).__name__, self.network.cores, tuple(sorted(self.network.sizes.items())), bias,
+                        self._apply_config())
         if bias:
             self.bias = nn.Parameter(torch.empty(out_dim, device=device, dtype=dtype))
         else:
@@ -65,6 +70,9 @@ class TensorizedLayer(CoreModule):
     # -- weight ---------------------------------------------------------------------------------------
     def _weight_shape(self) -> Tuple[int, ...]:
         raise NotImplementedError
+
+    def _apply_config(self) -> tuple:  # how the input is applied besides the weight (conv: stride, ...)
+        return ()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -114,19 +122,101 @@ class TensorizedLayer(CoreModule):
             raise TypeError(f"{type(self).__name__} expects a floating-point input, got dtype {x.dtype}")
         self._check_materialized("forward")
 
-    def _strategy_for(self, key, costs) -> str:
-        """The forced strategy, or for "auto" the cheaper one by opt_einsum's FLOP estimate (ties: dense),
-        decided once per input shape."""
-        if self.strategy != "auto":
-            return self.strategy
+    def _dense(self, x, weight, bias):  # one F.linear / F.conv2d with the weight
+        raise NotImplementedError
+
+    def _factorized(self, x, cores, bias):  # the input through the cores
+        raise NotImplementedError
+
+    def _costs(self, x):  # (dense, factorized or None) FLOP estimates for this input
+        raise NotImplementedError
+
+    def _shape_key(self, x):  # what of the input's shape the choice depends on
+        return tuple(x.shape)
+
+    def _apply_cores(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on a prepared input, by the strategy in force for it."""
+        strategy = self._strategy_for(x)
+        if not torch.compiler.is_compiling():
+            self.last_strategy = strategy
+        if strategy == "dense":
+            return self._dense(x, self._dense_weight(), self.bias)
+        return self._factorized(x, list(self.cores), self.bias)
+
+    def _needs_grad(self, x) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def _strategy_for(self, x) -> str:
+        """``set_strategy``'s override or this layer's ``strategy``; "auto"/"flops" decided once per input
+        shape, device, dtype, autocast dtype and grad mode (see :mod:`tnlayers.strategy`)."""
+        strategy = get_strategy() or self.strategy
+        if strategy == "factorized" and not self._has_factorized():
+            return "dense"  # a global override on a layout without a factorized chain
+        if strategy in ("dense", "factorized"):
+            return strategy
+        device = x.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        key = (strategy, self._shape_key(x), x.device, x.dtype, autocast, self._needs_grad(x))
         choice = self._choices.get(key)
-        if choice is None:
-            dense, factorized = costs()
-            choice = "factorized" if factorized is not None and factorized < dense else "dense"
-            if len(self._choices) >= _MAX_CACHED_SHAPES:
-                self._choices.clear()
-            self._choices[key] = choice
+        if choice is not None:
+            return choice
+        if torch.compiler.is_compiling():  # nothing is timed or cached while tracing
+            return by_flops(*self._costs(x))
+        choice = decide(self._config + key, strategy, lambda: self._costs(x), self._timing_run(x, key[-1]),
+                        x.device)
+        if len(self._choices) >= _MAX_CACHED_SHAPES:
+            self._choices.clear()
+        self._choices[key] = choice
         return choice
+
+    def _has_factorized(self) -> bool:
+        return getattr(self.plan, "supported", True)
+
+    def _timing_run(self, x: torch.Tensor, needs_grad: bool):
+        """``run(strategy)``: one forward (+ backward when gradients are needed) on detached copies of this
+        call's inputs, so timing leaves no trace in the caller's graph or in ``.grad``."""
+        x = x.detach().requires_grad_(x.requires_grad and needs_grad)
+        params = [p.detach().requires_grad_(p.requires_grad and needs_grad) for p in self.core_parameters()]
+        bias = None if self.bias is None else self.bias.detach().requires_grad_(self.bias.requires_grad and needs_grad)
+        leaves = [t for t in (x, *params, bias) if t is not None and t.requires_grad]
+        weight = None if needs_grad else self._dense_weight()  # inference: dense is one conv with a cached weight
+
+        def run(strategy):
+            with torch.set_grad_enabled(needs_grad):
+                if strategy == "dense":
+                    y = self._dense(x, self.plan.weight(params).reshape(self._weight_shape()) if weight is None
+                                    else weight, bias)
+                else:
+                    y = self._factorized(x, params, bias)
+                if leaves:
+                    torch.autograd.grad(y, leaves, torch.ones_like(y))
+        return run
+
+    # -- weight cache ---------------------------------------------------------------------------------
+    def _dense_weight(self) -> torch.Tensor:
+        """The weight for the dense strategy. When it needs no autograd graph (``torch.no_grad()``,
+        ``inference_mode``, frozen cores) it is built once and reused until a core changes: each core's
+        version counter (bumped by every in-place write: optimizer steps, ``copy_``, ``load_state_dict``)
+        and storage are part of the cache key. ``cache_weight = False`` turns this off for the layer."""
+        if torch.compiler.is_compiling():
+            return self.weight
+        cores = list(self.cores)
+        if (not self.cache_weight or (torch.is_grad_enabled() and any(c.requires_grad for c in cores))
+                or any(c.is_inference() or hasattr(c, "to_local") for c in cores)):
+            self._weight_cache = None  # training: free the inference copy
+            return self.weight
+        device = cores[0].device.type
+        key = (tuple((c._version, c.data_ptr(), c.dtype, c.device) for c in cores),
+               torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None,
+               torch.is_inference_mode_enabled())
+        cache = self._weight_cache
+        if cache is None or cache[0] != key:
+            cache = self._weight_cache = (key, self.weight.detach())
+        return cache[1]
+
+    def clear_weight_cache(self) -> None:
+        """Free the cached inference weight (it is rebuilt on the next no-grad dense call)."""
+        self._weight_cache = None
 
     def extra_repr(self) -> str:
         return (f"format={self.format!r}, ranks={self.ranks}, in_shape={self.in_shape}, out_shape={self.out_shape}, "

@@ -15,8 +15,9 @@ class TensorizedLinear(TensorizedLayer):
     """``nn.Linear(in_features, out_features, bias)`` whose (out, in) weight is a tensor network over
     (in modes..., out modes...). ``rank``: int, per-bond sequence, or float in (0, 1] (fraction of the
     dense parameter count). ``in_shape``/``out_shape`` override the automatic tensorization.
-    ``strategy``: "dense" (rebuild W, then F.linear), "factorized" (contract x through the cores) or
-    "auto" (cheaper by FLOPs, per batch size)."""
+    ``strategy``: "dense" (rebuild W, then F.linear), "factorized" (contract x through the cores), "flops"
+    (fewer FLOPs) or "auto" (FLOPs, refined by timing both once per batch size: :mod:`tnlayers.strategy`).
+    Without gradients the dense weight is cached until a core changes."""
 
     KIND = "linear"
 
@@ -36,13 +37,24 @@ class TensorizedLinear(TensorizedLayer):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expects input of shape (*, {self.in_features}), "
                              f"got {tuple(x.shape)}")
+        return self._apply_cores(x)
+
+    def _shape_key(self, x):
+        # only the number of rows matters; rounded up to a power of two so varying lengths share decisions
         rows = x.numel() // self.in_features
-        strategy = self._strategy_for(rows, lambda: self.plan.costs(rows))
-        if strategy == "dense":
-            return F.linear(x, self.weight, self.bias)
-        y = self.plan.factorized(x.reshape(rows, self.in_features), list(self.cores))
+        return 1 << max(rows - 1, 0).bit_length()
+
+    def _dense(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def _factorized(self, x, cores, bias):
+        rows = x.numel() // self.in_features
+        y = self.plan.factorized(x.reshape(rows, self.in_features), cores)
         y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return y if bias is None else y + bias.to(y.dtype)
+
+    def _costs(self, x):
+        return self.plan.costs(x.numel() // self.in_features)
 
     @classmethod
     def from_dense(cls, module: nn.Linear, *, rank, format: str | None = None, in_shape=None, out_shape=None,

@@ -118,6 +118,9 @@ class FusedDASStep:
                              nesterov=options["nesterov"])
         lambdas = plan.update(cores, grads, stats, step_size, das.normalization, das.denominator,
                               update=kind, state_a=state_a, state_b=state_b, **hyper)
+        # the kernels write through raw pointers: tell autograd and the layers' weight caches (which key
+        # on version counters) that the cores and their state changed
+        torch.autograd.graph.increment_version([*cores, *state_a, *state_b])
         if kind == UPDATE_NONE:
             base.step()
         else:

@@ -1,6 +1,7 @@
 """One optimizer step of any of our optimizers, written once for the examples and the demo."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 
 from ._common import disable_running_stats
 from .sam import SAM
+from .xsam import XSAM
 
 __all__ = ["training_step"]
 
@@ -17,11 +19,21 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     """zero_grad, forward + backward through ``compute_loss()``, then the step; returns the loss (detached).
 
     For SAM this is its two passes, the second one inside :func:`disable_running_stats` so BatchNorm
-    statistics are updated once per step, from the unperturbed weights.
+    statistics are updated once per step, from the unperturbed weights (and, with ``sync_first_pass=False``,
+    the first pass inside ``model.no_sync()``, as ``SAM.step(closure)`` does). For X-SAM, on eigen-update steps the
+    power iteration runs first, on ``compute_loss`` with BatchNorm statistics frozen too (and inside
+    ``model.no_sync()`` under DDP, whose reducer expects a backward pass after each synchronized forward).
     """
+    if isinstance(optimizer, XSAM) and optimizer.eigen_update_due:
+        local = model.no_sync() if callable(getattr(model, "no_sync", None)) else contextlib.nullcontext()
+        with disable_running_stats(model), local:
+            optimizer.update_eigenvector(compute_loss)
     optimizer.zero_grad(set_to_none=True)
-    loss = compute_loss()
-    loss.backward()
+    # SAM(sync_first_pass=False, model=ddp_model): the first pass stays local to each rank, as in step(closure).
+    sync_model = getattr(optimizer, "_sync_model", None) if isinstance(optimizer, SAM) else None
+    with sync_model.no_sync() if sync_model is not None else contextlib.nullcontext():
+        loss = compute_loss()
+        loss.backward()
     if isinstance(optimizer, SAM):
         optimizer.first_step()
         with disable_running_stats(model):

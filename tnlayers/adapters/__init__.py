@@ -1,0 +1,19 @@
+"""Tensorized fine-tuning adapters: ``base(x) + (alpha / rank)·ΔW x`` around frozen layers, with ΔW in
+a tensor format (FLoRA's Tucker-2, LoRETTA's TT, LoRA, CP, TR) whose cores are one scale-invariant
+group, so SAM, DAS and BAR act on them.
+
+* :func:`adapt` wraps the layers named by ``target_modules`` (PEFT's rules, ``matching.py``);
+* :func:`merge` / :func:`unmerge` fold ΔW into the base weights and restore them exactly;
+* :func:`unadapt` gives the plain layers back (``merge=True``: with ΔW folded in);
+* :func:`trainable_parameters` counts trainable vs all parameters;
+* :data:`PAPER_PRESETS`: the DAS paper's FLoRA / LoRETTA / LoRA settings.
+"""
+from .conv import Conv2dAdapter
+from .delta import ADAPTER_FORMATS
+from .layer import Adapter
+from .linear import LinearAdapter
+from .model import ParameterCount, adapt, merge, named_adapters, trainable_parameters, unadapt, unmerge
+from .presets import PAPER_PRESETS
+
+__all__ = ["adapt", "merge", "unmerge", "unadapt", "trainable_parameters", "named_adapters", "ParameterCount",
+           "Adapter", "LinearAdapter", "Conv2dAdapter", "ADAPTER_FORMATS", "PAPER_PRESETS"]

@@ -1,0 +1,190 @@
+"""What every adapter shares: a frozen base layer, the cores of ΔW (one scale-invariant group), the
+scale α/r, merging into the base weight, and the choice between two ways of computing the output.
+
+Two ways, same result (up to rounding):
+- "dense": the base layer's own op with the weight W + scale·ΔW (ΔW rebuilt from the cores each call);
+- "factorized": base(x) + scale·ΔW·dropout(x), with x contracted through the cores when the layout allows.
+"auto" picks the cheaper by a FLOP estimate per input shape (``tnlayers.set_strategy`` overrides it; its
+"flops" and "auto" both mean this estimate here). With gradients, the dense way also pays the
+gradient of the full weight (one more product of the layer's size) and the factorized way pays its
+contraction about three times (forward and two backward products); without gradients, each pays once.
+Dropout on the adapter's input (as LoRA's) needs the factorized way while training.
+"""
+from __future__ import annotations
+
+import math
+from math import prod
+from numbers import Real
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from ..formats._rank import check_int_rank
+from ..init import init_cores_, kaiming_std
+from ..layers.base import CoreModule
+from ..strategy import STRATEGIES, get_strategy
+from .delta import delta_layout, get_adapter_format
+
+__all__ = ["Adapter", "INITS", "STRATEGIES", "check_number", "check_adapter_options"]
+
+INITS = ("zero", "random")
+_MAX_CACHED_SHAPES = 64
+
+
+def check_number(name: str, value, low: float, high: float, low_open: bool, high_open: bool) -> float:
+    """A finite real number in the interval; the error names the argument and the interval."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (math.isfinite(value) and above and below):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+    return value
+
+
+def check_adapter_options(format, rank, alpha, dropout, init, strategy):
+    """(format module, rank, alpha, dropout) after checking every option an adapter takes."""
+    fmt = get_adapter_format(format)
+    rank = check_int_rank(rank, "rank")
+    alpha = check_number("alpha", alpha, 0.0, math.inf, low_open=True, high_open=True)
+    dropout = check_number("dropout", dropout, 0.0, 1.0, low_open=False, high_open=True)
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    return fmt, rank, alpha, dropout
+
+
+class Adapter(CoreModule):
+    """Base class of :class:`LinearAdapter` and :class:`Conv2dAdapter`: ``base(x) + scale·ΔW x``.
+
+    Attributes: ``base`` (the wrapped layer, frozen), ``cores`` (ΔW's cores, one scale-invariant group
+    for DAS/SAM/BAR), ``scale`` (= alpha / rank), ``merged`` (ΔW folded into ``base.weight``).
+    """
+
+    def _setup(self, base: nn.Module, format, rank: int, alpha: float, dropout: float, init: str,
+               strategy: str, dims: Tuple[int, int, Tuple[int, ...]], out_shape=None, in_shape=None) -> None:
+        fmt, rank, alpha, dropout = check_adapter_options(format, rank, alpha, dropout, init, strategy)
+        out_dim, in_dim, kernel = dims
+        layout = delta_layout(fmt, out_dim, in_dim, kernel, rank, out_shape, in_shape)
+        self.base = base.requires_grad_(False)  # frozen: only the cores train
+        weight = base.weight
+        self._init_cores(layout.network, weight.device, weight.dtype)
+        self.roles, self.zero_core = layout.roles, layout.zero_core
+        self.out_shape, self.in_shape = layout.out_shape, layout.in_shape
+        self.rank, self.alpha, self.scale = rank, float(alpha), float(alpha) / rank
+        self.init, self.strategy = init, strategy
+        self.fan_in = in_dim * prod(kernel)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        # merge() keeps the base weight it overwrote, so unmerge() restores it bit for bit
+        self.register_buffer("weight_before_merge", None, persistent=False)
+        self._choices = {}
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The cores as a tnlayers layer's (variance-preserving at Kaiming's std), then, for init="zero",
+        the first core holding an output mode set to zero, so that ΔW = 0."""
+        init_cores_(self.cores, self.network, kaiming_std(self.fan_in))
+        if self.init == "zero":
+            self.cores[self.zero_core].zero_()
+
+    # -- ΔW ---------------------------------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight (as the base layer stores it); ``delta_weight()`` is the update."""
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def _delta_shape(self) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    def _to_base_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        """ΔW in the base weight's layout (the same, except for a transposed GPT-2 Conv1D)."""
+        return delta
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale·ΔW, shaped (out, in[, kh, kw]) like an ``nn.Linear``/``nn.Conv2d`` weight."""
+        self._check_materialized("delta_weight")
+        # contiguous: a contraction's output may come transposed, and W + ΔW would inherit that layout (for a
+        # 1x1 conv it reads as channels-last), sending the base op to another kernel than base(x) runs
+        return (self.scale * self.plan.weight(list(self.cores)).reshape(self._delta_shape())).contiguous()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold scale·ΔW into ``base.weight`` (a no-op when merged); forward is then ``base(x)`` alone."""
+        if self.merged:
+            return
+        weight = self.base.weight
+        delta = self._to_base_layout(self.delta_weight()).to(weight.dtype)
+        if not bool(torch.isfinite(delta).all()):
+            raise ValueError(f"merge: the update of this {type(self).__name__} holds non-finite values (NaN or inf); "
+                             f"the base weight was left as it is")
+        self.weight_before_merge = weight.detach().clone()
+        weight.add_(delta)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore ``base.weight`` exactly as it was before :meth:`merge` (a no-op when not merged)."""
+        if not self.merged:
+            return
+        self.base.weight.copy_(self.weight_before_merge)
+        self.weight_before_merge = None
+        self.merged = False
+
+    # -- state --------------------------------------------------------------------------------------------
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(self.merged)  # a tensor, so safetensors-based checkpoints can hold it too
+
+    def set_extra_state(self, state) -> None:
+        pass  # checked in _load_from_state_dict, before anything is copied
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        flag = state_dict.get(prefix + "_extra_state")
+        if flag is not None and bool(flag) != self.merged:
+            saved, here = ("merged", "not merged") if bool(flag) else ("not merged", "merged")
+            raise ValueError(f"load_state_dict: {prefix or '<model>'!r} was saved {saved} but is {here} here: its base "
+                             f"weight would count ΔW {'twice' if bool(flag) else 'not at all'}; call "
+                             f"{'merge' if bool(flag) else 'unmerge'} on the model before loading")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def _needs_factorized(self) -> bool:
+        return self.training and isinstance(self.dropout, nn.Dropout)
+
+    def _strategy_for(self, key, flops) -> str:
+        """The forced strategy, or for "auto" the cheaper one; ``flops()`` gives (base op, building ΔW,
+        factorized ΔW x), decided once per input shape and gradient mode."""
+        if self._needs_factorized():
+            return "factorized"
+        strategy = get_strategy() or self.strategy  # tnlayers.set_strategy("dense"/"factorized") reaches adapters too
+        if strategy in ("dense", "factorized"):
+            return strategy
+        grad = torch.is_grad_enabled() and self.cores[0].requires_grad
+        choice = self._choices.get((key, grad))
+        if choice is None:
+            base, build, factorized = flops()
+            passes = 3 if grad else 1
+            dense = (base if grad else 0) + passes * build + prod(self._delta_shape())
+            choice = "factorized" if passes * factorized < dense else "dense"
+            if len(self._choices) >= _MAX_CACHED_SHAPES:
+                self._choices.clear()
+            self._choices[(key, grad)] = choice
+        return choice
+
+    def core_parameters(self):
+        return list(self.cores)
+
+    def extra_repr(self) -> str:
+        return (f"format={self.format!r}, rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, "
+                f"out_shape={self.out_shape}, in_shape={self.in_shape}, strategy={self.strategy!r}, merged={self.merged}")

@@ -1,0 +1,117 @@
+"""Which layers ``adapt`` wraps, by ``target_modules`` as PEFT users write it.
+
+Rules, written down once:
+- a str is a regular expression that must match a module's whole name (``re.fullmatch``), e.g.
+  ``r".*\\.(query|value)"``;
+- a list (tuple, set) holds module names: an entry matches a module whose name equals it or ends with
+  ``"." + entry`` (``"query"`` matches ``"encoder.layer.0.attention.self.query"``, not ``"my_query"``); an
+  entry with glob characters (``*?[``) is matched as ``tensorize`` matches globs (``fnmatch`` on the whole
+  name); every entry must match at least one module (a typo is an error listing close matches);
+- names are those of ``model.named_modules()``; the model itself and the layers already inside an
+  adapter are never targets;
+- a matched module must be an ``nn.Linear``, an ``nn.Conv2d`` or a transformers ``Conv1D`` (anything
+  else is a TypeError naming it); one that is already an adapter is a ValueError (a layer is wrapped once).
+"""
+from __future__ import annotations
+
+import re
+from fnmatch import fnmatchcase
+from typing import List, Optional, Tuple
+
+from torch import nn
+
+from ..tensorize import _close_matches_hint, _is_glob
+from .conv import Conv2dAdapter
+from .layer import Adapter
+from .linear import LinearAdapter, is_hf_conv1d
+
+__all__ = ["select_targets", "adapter_class"]
+
+
+def adapter_class(module: nn.Module) -> Optional[type]:
+    """The adapter type for a layer (``nn.Linear`` subclasses too), or None."""
+    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
+        return LinearAdapter
+    if isinstance(module, nn.Conv2d):
+        return Conv2dAdapter
+    return None
+
+
+def _candidates(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """Every named submodule, except the model itself and what lies inside an adapter."""
+    out, adapters = [], []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix + ".") for prefix in adapters):
+            continue
+        if isinstance(module, Adapter):
+            adapters.append(name)
+        out.append((name, module))
+    return out
+
+
+def _entry_matches(entry: str, name: str) -> bool:
+    if _is_glob(entry):
+        return fnmatchcase(name, entry)
+    return name == entry or name.endswith("." + entry)
+
+
+def _matcher(target_modules, names: List[str], known: List[str]):
+    """``name -> bool`` for ``target_modules``, after checking that each pattern matches something."""
+    if isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as err:
+            raise ValueError(f"target_modules: {target_modules!r} is not a valid regular expression ({err})") from None
+        if not any(pattern.fullmatch(name) for name in names):
+            raise ValueError(f"target_modules: the regular expression {target_modules!r} matches no module name as a "
+                             f"whole (re.fullmatch); the model's Linear/Conv modules start {known[:8]}")
+        return lambda name: pattern.fullmatch(name) is not None
+    if not isinstance(target_modules, (list, tuple, set, frozenset)):
+        raise TypeError(f"target_modules must be a list of module names / dotted suffixes / globs, or a regular "
+                        f"expression str, got {type(target_modules).__name__}")
+    entries = list(target_modules)
+    if not entries:
+        raise ValueError("target_modules is empty: name the layers to adapt, e.g. ['query', 'value']")
+    for entry in entries:
+        if not isinstance(entry, str) or not entry:
+            raise TypeError(f"target_modules entries must be non-empty str, got {entry!r}")
+        if not any(_entry_matches(entry, name) for name in names):
+            leaves = sorted({name.rsplit(".", 1)[-1] for name in known})
+            raise ValueError(f"target_modules: {entry!r} matches no module of the model (by name, dotted suffix or "
+                             f"glob); {_close_matches_hint(entry, leaves + known)}")
+    return lambda name: any(_entry_matches(entry, name) for entry in entries)
+
+
+def _why_not(name: str, module: nn.Module, parents: dict) -> Optional[Exception]:
+    if isinstance(module, Adapter):
+        return ValueError(f"target_modules: {name!r} is already adapted ({type(module).__name__}); a layer is "
+                          f"wrapped once: unadapt(model) first (merge=True keeps its update), then adapt again")
+    if adapter_class(module) is None:
+        return TypeError(f"target_modules matched {name!r}, a {type(module).__name__}; adapt wraps nn.Linear, "
+                         f"nn.Conv2d and transformers Conv1D layers (target the layers inside it)")
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        return ValueError(f"target_modules: {name!r} has an uninitialized (lazy) weight: run one forward pass first")
+    if isinstance(parents.get(name.rpartition(".")[0]), nn.MultiheadAttention):
+        return TypeError(f"target_modules matched {name!r} inside nn.MultiheadAttention, which reads its weights "
+                         f"directly instead of calling it; an adapter there would be bypassed")
+    return None
+
+
+def select_targets(model: nn.Module, target_modules) -> List[Tuple[str, nn.Module]]:
+    """[(name, layer), ...] to wrap, in module order; raises as the module docstring says."""
+    if target_modules is None:
+        raise TypeError("adapt needs target_modules=: a list of module names or dotted suffixes (e.g. ['query', "
+                        "'value']), globs, or a regular expression str")
+    candidates = _candidates(model)
+    names = [name for name, _ in candidates]
+    known = [name for name, module in candidates if adapter_class(module) is not None]
+    matches = _matcher(target_modules, names, known)
+    parents = {"": model, **dict(candidates)}
+    selected = []
+    for name, module in candidates:
+        if matches(name):
+            error = _why_not(name, module, parents)
+            if error is not None:
+                raise error
+            selected.append((name, module))
+    return selected

@@ -1,0 +1,174 @@
+"""Whole-model adapter operations: ``adapt`` (wrap the target layers), ``merge`` / ``unmerge`` (fold ΔW
+into the base weights and back, exactly), ``unadapt`` (back to plain layers) and ``trainable_parameters``."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import List, Tuple
+
+from torch import nn
+
+from ..tensorize import _SHAPE_KEYS, _PerLayer, _swap
+from .layer import Adapter, check_adapter_options
+from .matching import adapter_class, select_targets
+
+__all__ = ["adapt", "merge", "unmerge", "unadapt", "trainable_parameters", "named_adapters", "ParameterCount"]
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def named_adapters(model: nn.Module) -> List[Tuple[str, Adapter]]:
+    """[(name, adapter), ...] of the model's adapters, in module order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Adapter)]
+
+
+def adapt(model: nn.Module, format: str = "tucker", rank: int = 8, target_modules=None, alpha: float = 16.0, *,
+          init: str = "zero", dropout: float = 0.0, shapes=None, strategy: str = "auto", freeze_model: bool = True,
+          inplace: bool = True) -> nn.Module:
+    """Wrap each target layer in an adapter computing ``base(x) + (alpha / rank)·ΔW x``.
+
+    Args:
+        format: ΔW's format: "tucker" (Tucker-2, FLoRA's A·G·Bᵀ for a linear layer), "tt" (LoRETTA's
+            tensor train over split (out modes, in modes)), "lora" (B·A), "cp" or "tr".
+        rank: the adapter rank r, a positive int (every bond of the format).
+        target_modules: which layers (``nn.Linear``, ``nn.Conv2d``, transformers ``Conv1D``): a list of
+            module names / dotted suffixes / globs, or a regular expression str (rules: ``matching.py``).
+        alpha: scale numerator, finite and > 0: scale = alpha / rank (LoRA's convention).
+        init: "zero": one core (the first holding an output mode) starts at zero, so the adapted model equals
+            the base model; "random": every core random (ΔW ≠ 0; for tests and experiments).
+        dropout: on the adapter's input, in [0, 1) (LoRA's ``lora_dropout``).
+        shapes: how ΔW's channel dimensions split, per layer as for ``tensorize``: a mapping
+            ``{name or glob or "*": {"out_shape": ..., "in_shape": ...}}`` or a callable ``(name, layer) -> dict``.
+            LoRETTA on 4096 x 4096: ``{"*": {"out_shape": (4, 4, 16, 16), "in_shape": (16, 16, 4, 4)}}``.
+        strategy: "auto" | "dense" | "factorized" (see ``layer.py``).
+        freeze_model: True (as PEFT): every parameter except the adapters' cores stops requiring gradients;
+            False: only the wrapped layers are frozen.
+        inplace: False deep-copies the model first.
+
+    The cores of each adapter are one scale-invariant group (``tnlayers.core_groups``), so DAS, SAM and BAR
+    act on them. Everything is checked and built before the model changes.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"adapt expects an nn.Module, got {type(model).__name__}")
+    fmt, rank, alpha, dropout = check_adapter_options(format, rank, alpha, dropout, init, strategy)
+    _check_bool("freeze_model", freeze_model)
+    _check_bool("inplace", inplace)
+    if not inplace:
+        model = copy.deepcopy(model)
+    targets = select_targets(model, target_modules)
+    shapes_opt = _PerLayer("shapes", {} if shapes is None else shapes, [name for name, _ in targets])
+    if shapes is not None and not (shapes_opt.is_mapping or shapes_opt.is_callable):
+        raise TypeError(f"shapes must be None, a mapping {{name/glob/'*': {{'out_shape': ..., 'in_shape': ...}}}} or a "
+                        f"callable (name, layer) -> such a dict, got {type(shapes).__name__}")
+    # an adapter freezes its base when built: put the flags back if a later layer fails
+    flags = [(p, p.requires_grad) for _, layer in targets for p in layer.parameters()]
+    try:
+        built = {id(layer): _build(name, layer, shapes_opt, fmt.NAME, rank, alpha, dropout, init, strategy)
+                 for name, layer in targets}
+    except (TypeError, ValueError):
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+    _swap(model, lambda name, child: built.get(id(child)))
+    if freeze_model:
+        cores = {id(p) for _, a in named_adapters(model) for p in a.cores}
+        for p in model.parameters():
+            if id(p) not in cores:
+                p.requires_grad_(False)
+    for adapter in built.values():
+        adapter.base.requires_grad_(False)
+        adapter.cores.requires_grad_(True)
+    return model
+
+
+def _build(name: str, layer: nn.Module, shapes_opt: _PerLayer, fmt: str, rank: int, alpha: float, dropout: float,
+           init: str, strategy: str) -> Adapter:
+    shape = shapes_opt.get(name, layer) or {}
+    if not isinstance(shape, Mapping) or set(shape) - set(_SHAPE_KEYS):
+        raise ValueError(f"shapes for {name!r} must be a dict with keys among {_SHAPE_KEYS}, got {shape!r}")
+    try:
+        adapter = adapter_class(layer)(layer, fmt, rank, alpha, dropout=dropout, init=init, strategy=strategy, **shape)
+    except (TypeError, ValueError) as err:  # name the layer: "out_shape=... has product ..." alone does not say where
+        raise type(err)(f"adapting {name!r} ({type(layer).__name__}): {err}") from err
+    return adapter.train(layer.training)
+
+
+def _adapters_of(model: nn.Module, what: str) -> List[Adapter]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} expects an nn.Module, got {type(model).__name__}")
+    adapters = [a for _, a in named_adapters(model)]
+    if not adapters:
+        raise ValueError(f"{what}: the model has no adapters (tnlayers.adapt wraps its layers first)")
+    return adapters
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter's scale·ΔW into its base weight (keeping the old weight for :func:`unmerge`);
+    the adapters then add nothing. All or nothing: a non-finite ΔW leaves every weight as it was."""
+    _merge_all(_adapters_of(model, "merge"))
+    return model
+
+
+def _merge_all(adapters: List[Adapter]) -> None:
+    done = []
+    try:
+        for adapter in adapters:
+            if not adapter.merged:
+                adapter.merge()
+                done.append(adapter)
+    except ValueError:
+        for adapter in done:
+            adapter.unmerge()
+        raise
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Restore every merged adapter's base weight exactly (bit for bit) as it was before :func:`merge`."""
+    for adapter in _adapters_of(model, "unmerge"):
+        adapter.unmerge()
+    return model
+
+
+def unadapt(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Replace every adapter by its base layer: with ``merge=True`` the base weight keeps scale·ΔW
+    (PEFT's ``merge_and_unload``), else it is restored to the original. The cores are dropped."""
+    _check_bool("merge", merge)
+    adapters = _adapters_of(model, "unadapt")
+    if merge:
+        _merge_all(adapters)
+    else:
+        for adapter in adapters:
+            adapter.unmerge()
+    if isinstance(model, Adapter):
+        return model.base
+    _swap(model, lambda name, child: child.base if isinstance(child, Adapter) else None)
+    return model
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """Returned by :func:`trainable_parameters`."""
+
+    trainable: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {100 * self.fraction:.4f}"
+
+
+def trainable_parameters(model: nn.Module) -> ParameterCount:
+    """Trainable (``requires_grad``) and total parameter counts, each shared parameter counted once."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"trainable_parameters expects an nn.Module, got {type(model).__name__}")
+    params = {id(p): p for p in model.parameters()}.values()
+    return ParameterCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))

@@ -1,0 +1,135 @@
+"""How a tensorized layer applies its cores: the global override, and what ``strategy="auto"`` decides.
+
+* ``"dense"``: contract the cores into the weight, then one ``F.conv2d``/``F.linear``;
+* ``"factorized"``: contract the input through the cores (1x1 map -> small k x k conv -> 1x1 map);
+* ``"flops"``: the cheaper by opt_einsum's FLOP estimate (no timing: the same choice on every run);
+* ``"auto"``: the FLOP estimate, refined by timing both once where it is not decisive.
+
+The factorized chain wins only when it needs several times fewer multiply-adds than dense: its thin
+intermediate convolutions are memory-bound, so FLOPs alone pick it wrongly at high rank (a CP conv of
+rank 138 on 64 channels has half the FLOPs of dense and runs 2x slower on CPU). ``"auto"`` therefore
+times one forward (+ backward when gradients are needed) of each strategy on the first call for a given
+layer configuration, input shape, device, dtype and grad mode, and caches the faster (factorized only when
+it is at least ``TIE`` faster: ties go to dense); layers of the same configuration share the decision.
+Timing is skipped where the FLOP estimate settles it (one strategy needs ``TRUST_RATIO`` times fewer
+FLOPs) or where the layer is too small for the choice to matter (``MIN_TIMED_FLOPS``), on devices other
+than CPU and CUDA, and inside ``torch.compile`` (traced forwards use a decision an eager call already
+made, else the FLOP estimate). Timings vary from run to run, so two runs may choose differently in close
+cases (both ways give the same result up to rounding); ``"flops"`` or a forced strategy never varies.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, Hashable, Optional
+
+import torch
+
+__all__ = ["STRATEGIES", "set_strategy", "get_strategy", "check_strategy", "decide", "clear_decisions"]
+
+STRATEGIES = ("auto", "flops", "dense", "factorized")
+TRUST_RATIO = 8.0  # a FLOP ratio beyond this decides without timing
+MIN_TIMED_FLOPS = 5e7  # below this (about a millisecond on one CPU core) either choice is fine: not timed
+TIE = 0.05  # timings closer than this fraction are a tie, which goes to dense (see decide)
+REPEATS = 3  # timed runs per strategy after one warm-up each, interleaved; the minimum counts
+EARLY_RATIO = 3.0  # warm-up runs this far apart decide at once (no repeats of a slow strategy)
+_MAX_DECISIONS = 4096
+
+_override: Optional[str] = None
+_decisions: Dict[Hashable, str] = {}
+
+
+def check_strategy(strategy, allow_none: bool = False, name: str = "strategy") -> None:
+    if strategy is None and allow_none:
+        return
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        allowed = STRATEGIES + ((None,) if allow_none else ())
+        raise ValueError(f"{name} must be one of {allowed}, got {strategy!r}")
+
+
+def get_strategy() -> Optional[str]:
+    """The strategy forced on every tensorized layer by :class:`set_strategy`, or None (each its own)."""
+    return _override
+
+
+class set_strategy:
+    """Force one strategy on every tensorized layer (``None``: each layer's own ``strategy``).
+
+    Like ``torch.set_grad_enabled``: as a call it stays in force; as a context manager the previous
+    setting comes back on exit::
+
+        tnlayers.set_strategy("dense")           # from now on
+        with tnlayers.set_strategy("factorized"):
+            y = model(x)                          # only here
+    """
+
+    def __init__(self, strategy: Optional[str]):
+        global _override
+        check_strategy(strategy, allow_none=True)
+        self.previous, _override = _override, strategy
+
+    def __enter__(self) -> "set_strategy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _override
+        _override = self.previous
+
+
+def clear_decisions() -> None:
+    """Forget every timed decision of ``"auto"`` (they are retaken on the next call)."""
+    _decisions.clear()
+
+
+def lookup(key: Hashable) -> Optional[str]:
+    return _decisions.get(key)
+
+
+def by_flops(dense: int, factorized: Optional[int]) -> str:
+    return "factorized" if factorized is not None and factorized < dense else "dense"
+
+
+def _timeable(device: torch.device) -> bool:
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available())
+
+
+def _time(run: Callable[[str], None], strategy: str, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run(strategy)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def decide(key: Hashable, strategy: str, costs: Callable[[], tuple], run: Callable[[str], None],
+           device: torch.device) -> str:
+    """The choice of ``strategy`` ("auto" or "flops") for ``key``, made once and cached.
+
+    ``costs()`` gives the (dense, factorized) FLOP estimates (factorized None: no such chain);
+    ``run(s)`` runs strategy ``s`` once on a detached copy of the call's inputs, outside any graph.
+    """
+    cached = _decisions.get(key)
+    if cached is not None:
+        return cached
+    dense, factorized = costs()
+    choice = by_flops(dense, factorized)
+    if strategy == "auto" and factorized is not None and _timeable(device):
+        low, high = sorted((dense, factorized))
+        if high >= MIN_TIMED_FLOPS and high <= TRUST_RATIO * max(low, 1):
+            # warm-up (allocator, oneDNN/cuDNN algorithm choice); a gap this wide already decides
+            times = {s: [_time(run, s, device)] for s in ("dense", "factorized")}
+            warm = sorted(t[0] for t in times.values())
+            if warm[1] < EARLY_RATIO * warm[0]:
+                times = {s: [] for s in times}
+                for _ in range(REPEATS):
+                    for s in times:
+                        times[s].append(_time(run, s, device))
+            # a tie goes to dense: one compute-bound op, steadier under load than a chain of memory-bound
+            # ones, and with the inference cache exactly the dense layer's cost
+            t_dense, t_factorized = min(times["dense"]), min(times["factorized"])
+            choice = "factorized" if t_factorized < (1 - TIE) * t_dense else "dense"
+    if len(_decisions) >= _MAX_DECISIONS:
+        _decisions.clear()
+    _decisions[key] = choice
+    return choice
