@@ -192,6 +192,7 @@ def write(conv_rows, linear_rows, args, path):
     except ImportError:
         tl_version = "tensorly-torch not installed"
     load = f"; load average before the run {args.load:.2f}" if args.load is not None else ""
+    load += "; flush-denormal on" if args.flush_denormal else ""
     lines = [f"# Layers: tnlayers auto vs tensorly-torch vs dense ({device.type})", "",
              f"- Machine: {machine}; torch {torch.__version__}; {tl_version}{load}",
              f"- Command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}`",
@@ -218,10 +219,15 @@ def main(argv=None):
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     parser.add_argument("--ranks", nargs="+", type=float, default=list(RANKS))
     parser.add_argument("--no-linear", action="store_true", help="conv grid only")
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="torch.set_flush_denormal(True): on x86 CPUs, oneDNN's thin 1x1 convolutions otherwise run "
+                             "up to 2.5x slower in some processes (denormal arithmetic), for every library alike")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        print("--flush-denormal: not supported on this CPU; measuring without it")
     args.load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     device = torch.device(args.device)
     conv_rows = grid("conv", args, device)

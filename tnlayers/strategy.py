@@ -31,7 +31,7 @@ TRUST_RATIO = 8.0  # a FLOP ratio beyond this decides without timing
 MIN_TIMED_FLOPS = 5e7  # below this (about a millisecond on one CPU core) either choice is fine: not timed
 TIE = 0.05  # timings closer than this fraction are a tie, which goes to dense (see decide)
 REPEATS = 3  # timed runs per strategy after one warm-up each, interleaved; the minimum counts
-EARLY_RATIO = 3.0  # warm-up runs this far apart decide at once (no repeats of a slow strategy)
+EARLY_RATIO = 3.0  # first timed runs this far apart decide at once (no repeats of a slow strategy)
 _MAX_DECISIONS = 4096
 
 _override: Optional[str] = None
@@ -117,14 +117,15 @@ def decide(key: Hashable, strategy: str, costs: Callable[[], tuple], run: Callab
     if strategy == "auto" and factorized is not None and _timeable(device):
         low, high = sorted((dense, factorized))
         if high >= MIN_TIMED_FLOPS and high <= TRUST_RATIO * max(low, 1):
-            # warm-up (allocator, oneDNN/cuDNN algorithm choice); a gap this wide already decides
-            times = {s: [_time(run, s, device)] for s in ("dense", "factorized")}
-            warm = sorted(t[0] for t in times.values())
-            if warm[1] < EARLY_RATIO * warm[0]:
-                times = {s: [] for s in times}
-                for _ in range(REPEATS):
-                    for s in times:
-                        times[s].append(_time(run, s, device))
+            for s in ("dense", "factorized"):
+                run(s)  # warm-up, untimed: it pays one-time costs (oneDNN/cuDNN primitives for new shapes)
+            times = {"dense": [], "factorized": []}
+            for repeat in range(REPEATS):
+                for s in times:
+                    times[s].append(_time(run, s, device))
+                first = sorted(t[0] for t in times.values())
+                if repeat == 0 and first[1] >= EARLY_RATIO * first[0]:
+                    break  # a gap this wide decides: no repeats of a slow strategy
             # a tie goes to dense: one compute-bound op, steadier under load than a chain of memory-bound
             # ones, and with the inference cache exactly the dense layer's cost
             t_dense, t_factorized = min(times["dense"]), min(times["factorized"])
