@@ -1,7 +1,7 @@
 """Small stand-in tensorized models for the optimizer tests, independent of tnlayers' own layers.
 
-Imported by the other ``test_optim_*`` files; the tests here check the stand-ins are what the optimizer
-tests assume (scale-invariant groups marked as such).
+Imported by the other ``test_optim_*`` files, with the SAM-style step helpers they share; the tests here
+check the stand-ins are what the optimizer tests assume (scale-invariant groups marked as such).
 """
 import pytest
 import torch
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tnlayers.groups import core_groups, group_of, mark_core_group
+from tnlayers.optim import disable_running_stats
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -87,6 +88,34 @@ def cnn_batch(seed=0, n=8, size=6, classes=3):
 def cnn_loss(model, batch):
     x, y = batch
     return F.cross_entropy(model(x.to(model.head.weight.dtype)), y)
+
+
+def sam_step_explicit(model, opt, batch):
+    """One SAM-style step driven by hand: first_step, then the second pass with BatchNorm statistics frozen."""
+    opt.zero_grad(set_to_none=True)
+    cnn_loss(model, batch).backward()
+    opt.first_step()
+    with disable_running_stats(model):
+        cnn_loss(model, batch).backward()
+    opt.second_step()
+
+
+def amp_sam_step(model, opt, scaler, batch, inject=None, clip=None, bad=float("nan")):
+    """One SAM-style step with a GradScaler on a TinyCNN; ``inject`` "first" puts an inf into the first pass's
+    gradient, "second" puts ``bad`` into the second pass's."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(cnn_loss(model, batch)).backward()
+    if inject == "first":
+        model.conv1.core.grad.view(-1)[0] = float("inf")
+    opt.first_step()
+    scaler.scale(cnn_loss(model, batch)).backward()
+    if inject == "second":
+        model.conv2.u_in.grad.view(-1)[0] = bad
+    if clip is not None:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    scaler.step(opt)
+    scaler.update()
 
 
 def test_tucker2_group_is_scale_invariant():

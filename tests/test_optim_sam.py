@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from test_optim_helpers import TinyCNN, cnn_batch, cnn_loss, one_thread  # noqa: F401 (autouse fixture)
-from tnlayers.optim import SAM, disable_running_stats
+from test_optim_helpers import (TinyCNN, amp_sam_step, cnn_batch, cnn_loss, one_thread,  # noqa: F401 (autouse fixture)
+                                sam_step_explicit)
+from tnlayers.optim import SAM
 
 
 def reference_sam_step(model, base, batch, rho, adaptive=False, eps=1e-12):
@@ -27,15 +28,6 @@ def reference_sam_step(model, base, batch, rho, adaptive=False, eps=1e-12):
         for p, old in zip(params, saved):
             p.copy_(old)
     base.step()
-
-
-def sam_step_explicit(model, opt, batch):
-    opt.zero_grad(set_to_none=True)
-    cnn_loss(model, batch).backward()
-    opt.first_step()
-    with disable_running_stats(model):
-        cnn_loss(model, batch).backward()
-    opt.second_step()
 
 
 def sam_step_closure(model, opt, batch):
@@ -145,22 +137,6 @@ def test_state_dict_carries_no_perturbation_and_resumes_identically():
     for t in range(2, 5):
         sam_step_closure(resumed, opt2, cnn_batch(t))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
-
-
-def amp_sam_step(model, opt, scaler, batch, inject=None, clip=None):
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(cnn_loss(model, batch)).backward()
-    if inject == "first":
-        model.conv1.core.grad.view(-1)[0] = float("inf")
-    opt.first_step()
-    scaler.scale(cnn_loss(model, batch)).backward()
-    if inject == "second":
-        model.conv2.u_in.grad.view(-1)[0] = float("nan")
-    if clip is not None:
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    scaler.step(opt)
-    scaler.update()
 
 
 @pytest.mark.parametrize("clip", [None, 0.1])

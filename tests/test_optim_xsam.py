@@ -10,7 +10,8 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import tnlayers
-from test_optim_helpers import TinyCNN, cnn_batch, cnn_loss, one_thread  # noqa: F401 (autouse fixture)
+from test_optim_helpers import (TinyCNN, amp_sam_step, cnn_batch, cnn_loss, one_thread,  # noqa: F401 (autouse fixture)
+                                sam_step_explicit)
 from tnlayers.optim import SAM, XSAM, disable_running_stats, training_step
 
 
@@ -114,28 +115,18 @@ def test_xi_zero_is_sam_bit_for_bit(adaptive, style):
     kwargs = dict(rho=0.1, adaptive=adaptive, lr=0.05, momentum=0.9, weight_decay=1e-3)
     opt = XSAM(model.parameters(), torch.optim.SGD, xi=0.0, eig_every=2, eig_iters=2, **kwargs)
     sam = SAM(twin.parameters(), torch.optim.SGD, **kwargs)
+    def step(net, optimizer, batch):
+        if style == "closure":
+            extra = {"loss_fn": frozen_loss(net, batch)} if isinstance(optimizer, XSAM) else {}
+            optimizer.step(sam_closure(net, optimizer, batch), **extra)
+            return
+        if isinstance(optimizer, XSAM) and optimizer.eigen_update_due:
+            optimizer.update_eigenvector(frozen_loss(net, batch))
+        sam_step_explicit(net, optimizer, batch)
+
     for t in range(4):
-        batch = cnn_batch(t)
-        if style == "closure":
-            opt.step(sam_closure(model, opt, batch), loss_fn=frozen_loss(model, batch))
-        else:
-            if opt.eigen_update_due:
-                opt.update_eigenvector(frozen_loss(model, batch))
-            opt.zero_grad(set_to_none=True)
-            cnn_loss(model, batch).backward()
-            opt.first_step()
-            with disable_running_stats(model):
-                cnn_loss(model, batch).backward()
-            opt.second_step()
-        if style == "closure":
-            sam.step(sam_closure(twin, sam, batch))
-        else:
-            sam.zero_grad(set_to_none=True)
-            cnn_loss(twin, batch).backward()
-            sam.first_step()
-            with disable_running_stats(twin):
-                cnn_loss(twin, batch).backward()
-            sam.second_step()
+        step(model, opt, cnn_batch(t))
+        step(twin, sam, cnn_batch(t))
     assert opt.eigenvalue is not None
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), twin.buffers()))
@@ -244,17 +235,7 @@ def test_state_dict_round_trip_resumes_the_same_trajectory():
 def amp_xsam_step(model, opt, scaler, batch, clip=None, inject=None):
     if opt.eigen_update_due:
         opt.update_eigenvector(frozen_loss(model, batch))
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(cnn_loss(model, batch)).backward()
-    opt.first_step()
-    scaler.scale(cnn_loss(model, batch)).backward()
-    if inject is not None:
-        model.conv2.u_in.grad.view(-1)[0] = inject
-    if clip is not None:
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    scaler.step(opt)
-    scaler.update()
+    amp_sam_step(model, opt, scaler, batch, inject=None if inject is None else "second", clip=clip, bad=inject)
 
 
 @pytest.mark.parametrize("clip", [None, 0.1])

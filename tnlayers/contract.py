@@ -57,13 +57,17 @@ def expression(equation: str, shapes: Tuple[Tuple[int, ...], ...]):
     return contraction, contraction.cost
 
 
+def autocast_dtype(device_type: str):
+    """The dtype autocast computes in on this device type, or None when autocast is off there."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def _under_autocast(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
-    """Under autocast, give every operand the autocast dtype: torch.tensordot (which opt_einsum calls)
-    refuses mixed dtypes, and its first product would already come back in the lower precision."""
-    device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
+    """Under autocast, give every operand the autocast dtype: the pairwise einsum steps refuse mixed
+    dtypes, and their first product would already come back in the lower precision."""
+    dtype = autocast_dtype(tensors[0].device.type)
+    if dtype is None:
         return tensors
-    dtype = torch.get_autocast_dtype(device)
     return [t.to(dtype) if t.is_floating_point() else t for t in tensors]
 
 

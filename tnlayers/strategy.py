@@ -80,10 +80,6 @@ def clear_decisions() -> None:
     _decisions.clear()
 
 
-def lookup(key: Hashable) -> Optional[str]:
-    return _decisions.get(key)
-
-
 def by_flops(dense: int, factorized: Optional[int]) -> str:
     return "factorized" if factorized is not None and factorized < dense else "dense"
 

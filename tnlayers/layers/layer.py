@@ -9,6 +9,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from ..contract import autocast_dtype
 from ..decompose import decompose
 from ..formats import get_format
 from ..formats.network import mode_label
@@ -154,9 +155,7 @@ class TensorizedLayer(CoreModule):
             return "dense"  # a global override on a layout without a factorized chain
         if strategy in ("dense", "factorized"):
             return strategy
-        device = x.device.type
-        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        key = (strategy, self._shape_key(x), x.device, x.dtype, autocast, self._needs_grad(x))
+        key = (strategy, self._shape_key(x), x.device, x.dtype, autocast_dtype(x.device.type), self._needs_grad(x))
         choice = self._choices.get(key)
         if choice is not None:
             return choice
@@ -205,10 +204,8 @@ class TensorizedLayer(CoreModule):
                 or any(c.is_inference() or hasattr(c, "to_local") for c in cores)):
             self._weight_cache = None  # training: free the inference copy
             return self.weight
-        device = cores[0].device.type
         key = (tuple((c._version, c.data_ptr(), c.dtype, c.device) for c in cores),
-               torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None,
-               torch.is_inference_mode_enabled())
+               autocast_dtype(cores[0].device.type), torch.is_inference_mode_enabled())
         cache = self._weight_cache
         if cache is None or cache[0] != key:
             cache = self._weight_cache = (key, self.weight.detach())
