@@ -6,8 +6,10 @@
 * ``"auto"``: the FLOP estimate, refined by timing both once where it is not decisive.
 
 The factorized chain wins only when it needs several times fewer multiply-adds than dense: its thin
-intermediate convolutions are memory-bound, so FLOPs alone pick it wrongly at high rank (a CP conv of
-rank 138 on 64 channels has half the FLOPs of dense and runs 2x slower on CPU). ``"auto"`` therefore
+intermediate convolutions are memory-bound, so FLOPs alone can pick it wrongly at high rank (a CP conv of
+rank 137 on 64 channels has half the FLOPs of dense; on one CPU core its training step took 1.76x dense's
+time where fresh activations page-fault, 0.95x with memory reused: the winner depends on the machine and
+even on the process's allocator). ``"auto"`` therefore
 times one forward (+ backward when gradients are needed) of each strategy on the first call for a given
 layer configuration, input shape, device, dtype and grad mode, and caches the faster (factorized only when
 it is at least ``TIE`` faster: ties go to dense); layers of the same configuration share the decision.

@@ -1,0 +1,50 @@
+"""benchmarks/layers.py: its estimators against hand-computed values, and a tiny end-to-end run (untimed:
+only that the script runs and writes every row and verdict)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "layers.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_layers", PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_ratio_uses_only_rounds_that_timed_both(bench):
+    times = {"a": {0: 2.0, 1: 6.0, 2: 9.0, 4: 30.0}, "b": {0: 1.0, 1: 2.0, 3: 5.0, 4: 10.0}}
+    # common rounds 0, 1, 4: ratios 2, 3, 3 -> median 3 (round 2 and 3 ran one side only)
+    assert bench.paired(times, "a", "b") == 3.0
+    assert bench.paired(times, "b", "a") == pytest.approx(1 / 3)
+
+
+def test_summary_estimates_by_hand(bench):
+    times = {"dense": {0: 10.0, 1: 14.0, 2: 12.0}, "tltorch factorized": {0: 6.0, 1: 9.0, 2: 8.0},
+             "tnlayers auto": {0: 3.0, 1: 5.0, 2: 2.0}}
+    row = dict(kind="conv", format="cp", rank=0.1, mode="inference", times=times,
+               ms={k: min(v.values()) for k, v in times.items()})
+    out = bench.summarize([row])
+    # rival with the smallest minimum: tltorch factorized (6 ms); per-round auto/tl: 0.5, 0.556, 0.25
+    assert row["vs_best"]["min"] == pytest.approx(2.0 / 6.0)
+    assert row["vs_best"]["paired"] == pytest.approx(0.5)
+    assert row["vs_dense"]["paired"] == pytest.approx(3.0 / 10.0)  # 0.3, 0.357, 0.1667
+    assert row["speedup_tl"]["paired"] == pytest.approx(2.0)  # 2, 1.8, 4
+    geo, worst, worst_inf = out["paired"]
+    assert geo == pytest.approx(2.0) and worst is row and worst_inf is row
+
+
+def test_tiny_grid_writes_every_row(bench, tmp_path):
+    out = tmp_path / "layers.md"
+    # tucker and tt: tltorch's CP linear, when installed, takes seconds per call to rebuild its weight
+    bench.main(["--formats", "tucker", "tt", "--ranks", "0.1", "--batch", "2", "--size", "6", "--rows", "3",
+                "--repeats", "2", "--out", str(out)])
+    text = out.read_text()
+    assert "## Verdicts" in text and "## Conv2d" in text and "## Linear" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| tucker |", "| tt |"))]
+    assert len(rows) == 2 * 2 * 2  # formats x modes, conv and linear
+    assert text.count("target <=") == 4 and text.count("geometric-mean speed-up") == 2  # n/a without tltorch
