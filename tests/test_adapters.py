@@ -13,7 +13,9 @@ from torch import nn
 
 import tnlayers
 from _references import cp_full, tr_full, tt_full
+from _strategy_helpers import fake_timings
 from tnlayers import BAR, DAS, SAM
+from tnlayers import strategy as strategy_module
 from tnlayers.adapters import (Conv2dAdapter, LinearAdapter, adapt, merge, named_adapters, trainable_parameters,
                                unadapt, unmerge)
 
@@ -311,6 +313,71 @@ def test_global_strategy_override_reaches_adapters(monkeypatch):
     with tnlayers.set_strategy("dense"):
         y = a(torch.randn(3, 8))
     assert y.shape == (3, 8)
+
+
+def timed_decisions(monkeypatch, times):
+    """Make every adapter's "auto" choice a timed one (no FLOP shortcut, no size floor) on a fake clock:
+    each strategy still runs and takes ``times[strategy]`` seconds. Returns the list of timed strategies."""
+    monkeypatch.setattr(strategy_module, "MIN_TIMED_FLOPS", 0)
+    monkeypatch.setattr(strategy_module, "TRUST_RATIO", float("inf"))
+    monkeypatch.setattr(strategy_module, "_decisions", {})  # none from earlier tests; restored afterwards
+    return fake_timings(monkeypatch, times)
+
+
+def record_ways(monkeypatch, adapter):
+    """The strategy of each of the adapter's own forwards (timing runs included)."""
+    ways, original = [], adapter._forward_by
+    monkeypatch.setattr(adapter, "_forward_by", lambda x, strategy: ways.append(strategy) or original(x, strategy))
+    return ways
+
+
+@pytest.mark.parametrize("faster", ["dense", "factorized"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_adapter_auto_follows_the_timing_and_matches_the_reference(monkeypatch, kind, faster):
+    calls = timed_decisions(monkeypatch, {faster: 1.0, {"dense": "factorized", "factorized": "dense"}[faster]: 2.0})
+    torch.manual_seed(3)
+    if kind == "linear":
+        base, x = nn.Linear(12, 8, dtype=torch.float64), torch.randn(5, 12, dtype=torch.float64)
+        a = LinearAdapter(base, "tucker", rank=3, alpha=6, init="random")
+        expected = lambda: F.linear(x, base.weight + a.scale * reference_delta(  # noqa: E731
+            "tucker", a.cores, a.out_shape, a.in_shape), base.bias)
+    else:
+        base, x = nn.Conv2d(4, 6, 3, padding=1, dtype=torch.float64), torch.randn(2, 4, 7, 7, dtype=torch.float64)
+        a = Conv2dAdapter(base, "cp", rank=3, alpha=3, init="random")
+        expected = lambda: F.conv2d(x, base.weight + a.scale * reference_delta(  # noqa: E731
+            "cp", a.cores, a.out_shape, a.in_shape, (3, 3)), base.bias, padding=1)
+    forced = copy.deepcopy(a)  # before record_ways patches the instance
+    forced.strategy = "dense" if faster == "factorized" else "factorized"
+    ways = record_ways(monkeypatch, a)
+    y = a(x)
+    repeats = len(calls) // 2
+    assert calls.count("dense") == calls.count("factorized") == repeats >= 1
+    assert ways[-1] == faster  # the call's own output, after the timing runs
+    torch.testing.assert_close(y, expected())
+    assert all(c.grad is None for c in a.cores)  # timing used autograd.grad: nothing accumulated
+    y.square().sum().backward()  # the caller's graph is intact
+    grads = [c.grad.clone() for c in a.cores]
+    forced(x).square().sum().backward()
+    for got, want in zip(grads, [c.grad for c in forced.cores]):
+        torch.testing.assert_close(got, want)
+    a(x)
+    assert len(calls) == 2 * repeats  # decided once per input shape and gradient mode
+
+
+def test_adapters_alike_share_one_decision_and_flops_is_never_timed(monkeypatch):
+    calls = timed_decisions(monkeypatch, {"dense": 1.0, "factorized": 2.0})
+    x = torch.randn(4, 16)
+    first, second = (LinearAdapter(nn.Linear(16, 16), "tt", rank=2, init="random") for _ in range(2))
+    first(x)
+    timed = len(calls)
+    second(x)
+    assert timed > 0 and len(calls) == timed
+    with torch.no_grad():
+        second(x)  # inference is another question
+    assert len(calls) == 2 * timed
+    LinearAdapter(nn.Linear(16, 16), "tt", rank=2, init="random", strategy="flops")(x)
+    LinearAdapter(nn.Linear(16, 24), "tt", rank=2, init="random", strategy="auto")(x)  # another base shape
+    assert len(calls) == 3 * timed
 
 
 # -- bad input ----------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from tnlayers import (CPConv2d, CPLinear, DAS, TRConv2d, TRLinear, TTConv2d, TTL
                       TuckerLinear)
 
 from _references import conv_weight, linear_weight
+from _strategy_helpers import fake_timings
 
 
 @pytest.fixture(autouse=True)
@@ -22,18 +23,6 @@ def fresh_decisions():
     strategy_module.clear_decisions()
     yield
     strategy_module.clear_decisions()
-
-
-def fake_timings(monkeypatch, times):
-    """Replace the clock: each strategy still runs, and takes ``times[strategy]`` seconds."""
-    calls = []
-
-    def fake(run, strategy, device):
-        run(strategy)
-        calls.append(strategy)
-        return times[strategy]
-    monkeypatch.setattr(strategy_module, "_time", fake)
-    return calls
 
 
 PER_DECISION = 2 * strategy_module.REPEATS  # timed calls per decision with a narrow gap

@@ -79,12 +79,14 @@ class Conv2dAdapter(Adapter):
         self._check_materialized("forward")
         unbatched = x.dim() == 3
         x4 = x.unsqueeze(0) if unbatched else x
-        if self._strategy_for(tuple(x4.shape), lambda: self._flops(x4)) == "dense":
-            y = self.base._conv_forward(x4, self.base.weight + self.delta_weight(), self.base.bias)
-        else:
-            y = self.base(x4)
-            y = y + self._delta_conv(self.dropout(x4)).to(y.dtype)
+        y = self._forward_by(x4, self._strategy_for(x4, tuple(x4.shape), lambda: self._flops(x4)))
         return y.squeeze(0) if unbatched else y
+
+    def _forward_by(self, x4: torch.Tensor, strategy: str) -> torch.Tensor:
+        if strategy == "dense":
+            return self.base._conv_forward(x4, self.base.weight + self.delta_weight(), self.base.bias)
+        y = self.base(x4)
+        return y + self._delta_conv(self.dropout(x4)).to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"Conv2d: in_channels={self.in_channels}, out_channels={self.out_channels}, " + super().extra_repr()

@@ -4,9 +4,10 @@ scale α/r, merging into the base weight, and the choice between two ways of com
 Two ways, same result (up to rounding):
 - "dense": the base layer's own op with the weight W + scale·ΔW (ΔW rebuilt from the cores each call);
 - "factorized": base(x) + scale·ΔW·dropout(x), with x contracted through the cores when the layout allows.
-"auto" picks the cheaper by a FLOP estimate per input shape (``tnlayers.set_strategy`` overrides it; its
-"flops" and "auto" both mean this estimate here). With gradients, the dense way also pays the
-gradient of the full weight (one more product of the layer's size) and the factorized way pays its
+"flops" picks the cheaper by a FLOP estimate per input shape; "auto" starts from it and, where it is not
+decisive, times both ways once, as tensorized layers do (:mod:`tnlayers.strategy`: same thresholds, and
+adapters alike share decisions); ``tnlayers.set_strategy`` overrides both. With gradients, the dense way also
+pays the gradient of the full weight (one more product of the layer's size) and the factorized way pays its
 contraction about three times (forward and two backward products); without gradients, each pays once.
 Dropout on the adapter's input (as LoRA's) needs the factorized way while training.
 """
@@ -23,7 +24,8 @@ from torch import nn
 from ..formats._rank import check_int_rank
 from ..init import init_cores_, kaiming_std
 from ..layers.base import CoreModule
-from ..strategy import STRATEGIES, get_strategy
+from ..contract import autocast_dtype
+from ..strategy import STRATEGIES, by_flops, decide, get_strategy
 from .delta import delta_layout, get_adapter_format
 
 __all__ = ["Adapter", "INITS", "STRATEGIES", "check_number", "check_adapter_options"]
@@ -162,25 +164,53 @@ class Adapter(CoreModule):
     def _needs_factorized(self) -> bool:
         return self.training and isinstance(self.dropout, nn.Dropout)
 
-    def _strategy_for(self, key, flops) -> str:
-        """The forced strategy, or for "auto" the cheaper one; ``flops()`` gives (base op, building ΔW,
-        factorized ΔW x), decided once per input shape and gradient mode."""
+    def _strategy_for(self, x: torch.Tensor, key, flops) -> str:
+        """The forced strategy, or for "flops"/"auto" a choice made once per input shape (``key``), gradient
+        mode, device, dtype and autocast dtype; ``flops()`` gives (base op, building ΔW, factorized ΔW x)."""
         if self._needs_factorized():
             return "factorized"
         strategy = get_strategy() or self.strategy  # tnlayers.set_strategy("dense"/"factorized") reaches adapters too
         if strategy in ("dense", "factorized"):
             return strategy
         grad = torch.is_grad_enabled() and self.cores[0].requires_grad
-        choice = self._choices.get((key, grad))
-        if choice is None:
-            base, build, factorized = flops()
-            passes = 3 if grad else 1
-            dense = (base if grad else 0) + passes * build + prod(self._delta_shape())
-            choice = "factorized" if passes * factorized < dense else "dense"
-            if len(self._choices) >= _MAX_CACHED_SHAPES:
-                self._choices.clear()
-            self._choices[(key, grad)] = choice
+        full_key = (strategy, key, grad, x.device, x.dtype, autocast_dtype(x.device.type))
+        choice = self._choices.get(full_key)
+        if choice is not None:
+            return choice
+        costs = lambda: self._costs(*flops(), grad)  # noqa: E731
+        if torch.compiler.is_compiling():  # nothing is timed or cached while tracing
+            return by_flops(*costs())
+        choice = decide(self._config() + full_key, strategy, costs, self._timing_run(x, grad), x.device)
+        if len(self._choices) >= _MAX_CACHED_SHAPES:
+            self._choices.clear()
+        self._choices[full_key] = choice
         return choice
+
+    def _costs(self, base: int, build: int, factorized: int, grad: bool) -> Tuple[int, int]:
+        """(dense, factorized) FLOP estimates of what differs between the two ways."""
+        passes = 3 if grad else 1
+        return (base if grad else 0) + passes * build + prod(self._delta_shape()), passes * factorized
+
+    def _config(self) -> tuple:
+        """What a timed choice depends on besides the input: adapters alike share decisions."""
+        return (type(self).__name__, self.network.cores, tuple(sorted(self.network.sizes.items())), repr(self.base),
+                getattr(self, "_through_cores", True))
+
+    def _forward_by(self, x: torch.Tensor, strategy: str) -> torch.Tensor:  # the output, computed one way
+        raise NotImplementedError
+
+    def _timing_run(self, x: torch.Tensor, grad: bool):
+        """``run(strategy)``: the output one way (+ the cores' gradient) from a detached copy of ``x``. Gradients
+        come back from ``torch.autograd.grad``, so ``.grad`` and the caller's graph stay untouched."""
+        x = x.detach()
+        cores = [c for c in self.cores if c.requires_grad]
+
+        def run(strategy):
+            with torch.set_grad_enabled(grad):
+                y = self._forward_by(x, strategy)
+                if grad and cores:
+                    torch.autograd.grad(y, cores, torch.ones_like(y))
+        return run
 
     def core_parameters(self):
         return list(self.cores)

@@ -57,8 +57,12 @@ class LinearAdapter(Adapter):
         rows = x.numel() // self.in_features
         flops = lambda: (2 * rows * self.in_features * self.out_features, self.plan.weight_cost,  # noqa: E731
                          self.plan.costs(rows)[1])
-        if self._strategy_for(rows, flops) == "dense":
+        return self._forward_by(x, self._strategy_for(x, rows, flops))
+
+    def _forward_by(self, x: torch.Tensor, strategy: str) -> torch.Tensor:
+        if strategy == "dense":
             return self._dense(x, self.delta_weight())
+        rows = x.numel() // self.in_features
         y = self.base(x)
         x2d = self.dropout(x).reshape(rows, self.in_features)
         delta = self.plan.factorized(x2d, list(self.cores)).reshape(*x.shape[:-1], self.out_features)
