@@ -26,7 +26,7 @@ from typing import Callable, Dict, Hashable, Optional
 
 import torch
 
-__all__ = ["STRATEGIES", "set_strategy", "get_strategy", "check_strategy", "decide", "clear_decisions"]
+__all__ = ["STRATEGIES", "set_strategy", "get_strategy", "check_strategy", "decide", "choose", "clear_decisions"]
 
 STRATEGIES = ("auto", "flops", "dense", "factorized")
 TRUST_RATIO = 8.0  # a FLOP ratio beyond this decides without timing
@@ -35,6 +35,7 @@ TIE = 0.05  # timings closer than this fraction are a tie, which goes to dense (
 REPEATS = 3  # timed runs per strategy after one warm-up each, interleaved; the minimum counts
 EARLY_RATIO = 3.0  # first timed runs this far apart decide at once (no repeats of a slow strategy)
 _MAX_DECISIONS = 4096
+_MAX_CHOICES_PER_MODULE = 64  # input shapes a module remembers its choice for
 
 _override: Optional[str] = None
 _decisions: Dict[Hashable, str] = {}
@@ -131,4 +132,22 @@ def decide(key: Hashable, strategy: str, costs: Callable[[], tuple], run: Callab
     if len(_decisions) >= _MAX_DECISIONS:
         _decisions.clear()
     _decisions[key] = choice
+    return choice
+
+
+def choose(choices: Dict[Hashable, str], key: Hashable, config: tuple, strategy: str, costs: Callable[[], tuple],
+           make_run: Callable[[], Callable[[str], None]], device: torch.device) -> str:
+    """A module's choice for ``key`` (its input shape, device, dtype, grad mode...): remembered in the module's
+    own ``choices``, else taken by :func:`decide` (shared by modules of the same ``config``) with the timing
+    function ``make_run()`` builds, only then. Inside ``torch.compile`` nothing is timed or cached: a choice
+    already made, else the FLOP estimate."""
+    choice = choices.get(key)
+    if choice is not None:
+        return choice
+    if torch.compiler.is_compiling():
+        return by_flops(*costs())
+    choice = decide(config + key, strategy, costs, make_run(), device)
+    if len(choices) >= _MAX_CHOICES_PER_MODULE:
+        choices.clear()
+    choices[key] = choice
     return choice

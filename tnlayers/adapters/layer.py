@@ -25,13 +25,12 @@ from ..formats._rank import check_int_rank
 from ..init import init_cores_, kaiming_std
 from ..layers.base import CoreModule
 from ..contract import autocast_dtype
-from ..strategy import STRATEGIES, by_flops, decide, get_strategy
+from ..strategy import STRATEGIES, choose, get_strategy
 from .delta import delta_layout, get_adapter_format
 
 __all__ = ["Adapter", "INITS", "STRATEGIES", "check_number", "check_adapter_options"]
 
 INITS = ("zero", "random")
-_MAX_CACHED_SHAPES = 64
 
 
 def check_number(name: str, value, low: float, high: float, low_open: bool, high_open: bool) -> float:
@@ -85,6 +84,9 @@ class Adapter(CoreModule):
         # merge() keeps the base weight it overwrote, so unmerge() restores it bit for bit
         self.register_buffer("weight_before_merge", None, persistent=False)
         self._choices = {}
+        # what a timed choice depends on besides the input (the base's repr holds its shape, stride, padding,
+        # groups): adapters alike share decisions (tnlayers.strategy)
+        self._config = (type(self).__name__, self.network.cores, tuple(sorted(self.network.sizes.items())), repr(base))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -174,27 +176,13 @@ class Adapter(CoreModule):
             return strategy
         grad = torch.is_grad_enabled() and self.cores[0].requires_grad
         full_key = (strategy, key, grad, x.device, x.dtype, autocast_dtype(x.device.type))
-        choice = self._choices.get(full_key)
-        if choice is not None:
-            return choice
-        costs = lambda: self._costs(*flops(), grad)  # noqa: E731
-        if torch.compiler.is_compiling():  # nothing is timed or cached while tracing
-            return by_flops(*costs())
-        choice = decide(self._config() + full_key, strategy, costs, self._timing_run(x, grad), x.device)
-        if len(self._choices) >= _MAX_CACHED_SHAPES:
-            self._choices.clear()
-        self._choices[full_key] = choice
-        return choice
+        return choose(self._choices, full_key, self._config, strategy, lambda: self._costs(*flops(), grad),
+                      lambda: self._timing_run(x, grad), x.device)
 
     def _costs(self, base: int, build: int, factorized: int, grad: bool) -> Tuple[int, int]:
         """(dense, factorized) FLOP estimates of what differs between the two ways."""
         passes = 3 if grad else 1
         return (base if grad else 0) + passes * build + prod(self._delta_shape()), passes * factorized
-
-    def _config(self) -> tuple:
-        """What a timed choice depends on besides the input: adapters alike share decisions."""
-        return (type(self).__name__, self.network.cores, tuple(sorted(self.network.sizes.items())), repr(self.base),
-                getattr(self, "_through_cores", True))
 
     def _forward_by(self, x: torch.Tensor, strategy: str) -> torch.Tensor:  # the output, computed one way
         raise NotImplementedError

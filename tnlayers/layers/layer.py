@@ -15,12 +15,11 @@ from ..formats import get_format
 from ..formats.network import mode_label
 from ..init import init_cores_, kaiming_std
 from ..shapes import optional_shape, resolve_rank
-from ..strategy import STRATEGIES, by_flops, check_strategy, decide, get_strategy
+from ..strategy import STRATEGIES, check_strategy, choose, get_strategy
 from .base import CoreModule, build_network, check_decomposition_options, check_tensor_values
 
 __all__ = ["TensorizedLayer", "STRATEGIES"]
 
-_MAX_CACHED_SHAPES = 64
 
 
 class TensorizedLayer(CoreModule):
@@ -156,17 +155,8 @@ class TensorizedLayer(CoreModule):
         if strategy in ("dense", "factorized"):
             return strategy
         key = (strategy, self._shape_key(x), x.device, x.dtype, autocast_dtype(x.device.type), self._needs_grad(x))
-        choice = self._choices.get(key)
-        if choice is not None:
-            return choice
-        if torch.compiler.is_compiling():  # nothing is timed or cached while tracing
-            return by_flops(*self._costs(x))
-        choice = decide(self._config + key, strategy, lambda: self._costs(x), self._timing_run(x, key[-1]),
-                        x.device)
-        if len(self._choices) >= _MAX_CACHED_SHAPES:
-            self._choices.clear()
-        self._choices[key] = choice
-        return choice
+        return choose(self._choices, key, self._config, strategy, lambda: self._costs(x),
+                      lambda: self._timing_run(x, key[-1]), x.device)
 
     def _has_factorized(self) -> bool:
         return getattr(self.plan, "supported", True)
