@@ -221,11 +221,10 @@ def grid(kind, args, device):
     if kind == "conv":
         x = torch.randn(args.batch, 64, args.size, args.size, device=device)
         dense = nn.Conv2d(64, 64, 3, padding=1, device=device)
-        grad = torch.randn_like(x)  # 64 -> 64, same padding: the output has the input's shape
     else:
         x = torch.randn(args.rows, 1024, device=device)
         dense = nn.Linear(1024, 1024, device=device)
-        grad = torch.randn_like(x)
+    grad = torch.randn_like(x)  # the upstream gradient: 64 -> 64 same-padding conv, 1024 -> 1024 linear
     x.requires_grad_(not args.first_layer)
     rows = []
     for fmt in args.formats:

@@ -90,6 +90,16 @@ def cnn_loss(model, batch):
     return F.cross_entropy(model(x.to(model.head.weight.dtype)), y)
 
 
+def sam_closure(model, opt, batch):
+    """The closure ``opt.step`` takes: zeroed gradients, then the loss on ``batch`` and its backward."""
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = cnn_loss(model, batch)
+        loss.backward()
+        return loss
+    return closure
+
+
 def sam_step_explicit(model, opt, batch):
     """One SAM-style step driven by hand: first_step, then the second pass with BatchNorm statistics frozen."""
     opt.zero_grad(set_to_none=True)
@@ -97,6 +107,18 @@ def sam_step_explicit(model, opt, batch):
     opt.first_step()
     with disable_running_stats(model):
         cnn_loss(model, batch).backward()
+    opt.second_step()
+
+
+def unscaled_sam_step(model, opt, batch, clip=None):
+    """The reference for ``amp_sam_step``: the same SAM-style step without a GradScaler (BatchNorm statistics
+    update in both passes, as there), gradients clipped before the second step when ``clip`` is given."""
+    opt.zero_grad()
+    cnn_loss(model, batch).backward()
+    opt.first_step()
+    cnn_loss(model, batch).backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.second_step()
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from test_optim_helpers import (TinyCNN, amp_sam_step, cnn_batch, cnn_loss, one_thread,  # noqa: F401 (autouse fixture)
-                                sam_step_explicit)
+                                sam_closure, sam_step_explicit, unscaled_sam_step)
 from tnlayers.optim import SAM
 
 
@@ -31,12 +31,7 @@ def reference_sam_step(model, base, batch, rho, adaptive=False, eps=1e-12):
 
 
 def sam_step_closure(model, opt, batch):
-    def closure():
-        opt.zero_grad(set_to_none=True)
-        loss = cnn_loss(model, batch)
-        loss.backward()
-        return loss
-    return opt.step(closure)
+    return opt.step(sam_closure(model, opt, batch))
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -147,13 +142,7 @@ def test_gradscaler_steps_match_unscaled_sam(clip):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
     for t in range(3):
         amp_sam_step(model, opt, scaler, cnn_batch(t), clip=clip)
-        opt_twin.zero_grad()
-        cnn_loss(twin, cnn_batch(t)).backward()
-        opt_twin.first_step()
-        cnn_loss(twin, cnn_batch(t)).backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(twin.parameters(), clip)
-        opt_twin.second_step()
+        unscaled_sam_step(twin, opt_twin, cnn_batch(t), clip=clip)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 

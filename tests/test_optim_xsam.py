@@ -11,7 +11,7 @@ from torch import nn
 
 import tnlayers
 from test_optim_helpers import (TinyCNN, amp_sam_step, cnn_batch, cnn_loss, one_thread,  # noqa: F401 (autouse fixture)
-                                sam_step_explicit)
+                                sam_closure, sam_step_explicit, unscaled_sam_step)
 from tnlayers.optim import SAM, XSAM, disable_running_stats, training_step
 
 
@@ -90,15 +90,6 @@ def test_both_sides_of_the_angle_test(top):
     torch.testing.assert_close(got, w0 - 0.1 * direction, rtol=1e-10, atol=1e-12)
     if top < 0:
         torch.testing.assert_close(direction, sam_direction, rtol=0, atol=0)
-
-
-def sam_closure(model, opt, batch):
-    def closure():
-        opt.zero_grad(set_to_none=True)
-        loss = cnn_loss(model, batch)
-        loss.backward()
-        return loss
-    return closure
 
 
 def frozen_loss(model, batch):
@@ -249,13 +240,7 @@ def test_gradscaler_steps_match_unscaled_xsam(clip):
         amp_xsam_step(model, opt, scaler, cnn_batch(t), clip=clip)
         if opt_twin.eigen_update_due:
             opt_twin.update_eigenvector(frozen_loss(twin, cnn_batch(t)))
-        opt_twin.zero_grad()
-        cnn_loss(twin, cnn_batch(t)).backward()
-        opt_twin.first_step()
-        cnn_loss(twin, cnn_batch(t)).backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(twin.parameters(), clip)
-        opt_twin.second_step()
+        unscaled_sam_step(twin, opt_twin, cnn_batch(t), clip=clip)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 

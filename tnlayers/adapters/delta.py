@@ -12,7 +12,7 @@ from math import prod
 from types import ModuleType
 from typing import Tuple
 
-from ..formats import FORMATS
+from ..formats import FORMATS, lookup_format
 from ..formats.network import Network, mode_label
 from ..layers.base import build_network
 from ..shapes import optional_shape
@@ -25,13 +25,8 @@ ADAPTER_FORMATS = {"lora": lora, **FORMATS}
 
 
 def get_adapter_format(name) -> ModuleType:
-    """The format module for ``name``; an unknown name lists the valid ones."""
-    if not isinstance(name, str):
-        raise TypeError(f"format must be a str, one of {sorted(ADAPTER_FORMATS)}, got {name!r}")
-    try:
-        return ADAPTER_FORMATS[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown format {name!r}; format must be one of {sorted(ADAPTER_FORMATS)}") from None
+    """The format module for ``name`` (tensorized layers' formats and "lora"); bad names list the valid ones."""
+    return lookup_format(ADAPTER_FORMATS, name)
 
 
 @dataclass(frozen=True)

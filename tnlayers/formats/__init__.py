@@ -13,11 +13,16 @@ __all__ = ["FORMATS", "get_format", "Network", "check_modes", "mode_label"]
 FORMATS = {m.NAME: m for m in (cp, tucker, tt, tr)}
 
 
+def lookup_format(table, name) -> ModuleType:
+    """``table[name]`` (case-insensitive) for a table of format modules; bad names list the valid ones."""
+    if not isinstance(name, str):
+        raise TypeError(f"format must be a str, one of {sorted(table)}, got {name!r}")
+    try:
+        return table[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown format {name!r}; format must be one of {sorted(table)}") from None
+
+
 def get_format(name) -> ModuleType:
     """The format module for ``name``; an unknown name lists the valid ones."""
-    if not isinstance(name, str):
-        raise TypeError(f"format must be a str, one of {sorted(FORMATS)}, got {name!r}")
-    try:
-        return FORMATS[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown format {name!r}; format must be one of {sorted(FORMATS)}") from None
+    return lookup_format(FORMATS, name)
