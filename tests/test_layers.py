@@ -64,6 +64,31 @@ def test_conv_matches_nn_and_reference(fmt, cfg):
         assert rel(y, expected) < 1e-10, strategy
 
 
+@pytest.mark.parametrize("fmt", CONVS)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_factorized_conv_first_and_second_order_gradients_match_reference(fmt, memory_format):
+    """The factorized chain (1x1 maps as batched GEMMs on NCHW CPU input, as convs otherwise) against
+    F.conv2d with the reference weight: output, gradients of input, cores and bias, and a second-order
+    gradient (what Hessian-vector products and gradient penalties take)."""
+    torch.manual_seed(0)
+    layer = CONVS[fmt](6, 8, 3, stride=2, padding=1, rank=3, dtype=torch.float64, strategy="factorized")
+    x = torch.randn(3, 6, 9, 7, dtype=torch.float64).to(memory_format=memory_format).requires_grad_()
+    params = [x, *layer.cores, layer.bias]
+
+    def outputs(forward):
+        y = forward(x)
+        first = torch.autograd.grad(y.pow(2).sum(), params, create_graph=True)
+        second = torch.autograd.grad(sum(g.pow(2).sum() for g in first), params)
+        return y, *first, *second
+
+    def reference(inp):
+        weight = conv_weight(fmt, list(layer.cores), 8, 6, 3, 3)
+        return nn.functional.conv2d(inp, weight, layer.bias, stride=2, padding=1)
+
+    for ours, expected in zip(outputs(layer), outputs(reference)):
+        torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-11)
+
+
 LINEAR_GRID = [(64, 48, True, (5, 64)), (16, 32, False, (2, 3, 16)), (12, 7, True, (12,)), (30, 30, True, (1, 30))]
 
 
