@@ -27,6 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _memory import FLAG_HELP, apply_flag  # noqa: E402
 from step_time import machine_description, synchronize  # noqa: E402
 
 from examples.finetune_adapters import Block  # noqa: E402  (the example's transformer block)
@@ -178,10 +179,12 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=2, help="steps per method per round")
+    parser.add_argument("--keep-freed-memory", action="store_true", help=FLAG_HELP)
     parser.add_argument("--out", default=None, help="markdown file (default benchmarks/results/adapter_step_<device>.md)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    apply_flag(args)
     device = torch.device(args.device)
     results = {}
     for fmt in args.formats:

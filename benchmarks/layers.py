@@ -15,7 +15,7 @@ timed once per round (the order rotating from round to round), rounds interleave
 them alike; the minimum over rounds is reported. ``auto``'s one-time decision (its timing of both
 strategies) happens in the first call and is reported separately.
 
-On glibc, ``--keep-freed-memory`` stops the allocator from unmapping freed tensors (see keep_freed_memory):
+On glibc, ``--keep-freed-memory`` stops the allocator from unmapping freed tensors (see _memory.py):
 otherwise page faults on fresh 8 MB buffers cost more than a thin conv and land on whichever calls happen
 to get fresh memory, for every library alike.
 
@@ -25,7 +25,6 @@ inference <= 1.05x dense at every rank; geometric-mean speed-up over tltorch's d
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
 import os
 import platform
@@ -40,8 +39,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tnlayers  # noqa: E402
+from _memory import FLAG_HELP, NOTE, apply_flag  # noqa: E402
 
 FORMATS = ("tucker", "tt", "cp", "tr")
 RANKS = (0.05, 0.1, 0.25, 0.5)
@@ -51,20 +52,6 @@ CONV = {"tucker": tnlayers.TuckerConv2d, "tt": tnlayers.TTConv2d, "cp": tnlayers
 LINEAR = {"tucker": tnlayers.TuckerLinear, "tt": tnlayers.TTLinear, "cp": tnlayers.CPLinear, "tr": tnlayers.TRLinear}
 TLTORCH_NAMES = {"conv": {"tucker": "tucker", "tt": "tt", "cp": "cp"},
                  "linear": {"tucker": "tucker", "tt": "blocktt", "cp": "cp"}}
-
-
-def keep_freed_memory() -> bool:
-    """glibc: serve large tensors from the heap and keep freed memory for reuse (``mallopt``), as jemalloc
-    or tcmalloc do (PyTorch's CPU tuning guide). By default glibc maps every buffer over its (adaptive)
-    threshold afresh and unmaps it on free, so each call page-faults its output in again: on this VM that
-    is about 12 ms per 8 MB tensor, more than a whole thin 1x1 conv, and it lands on whichever calls happen
-    to allocate such buffers. False where there is no glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def tltorch_layers(kind, fmt, rank, device):
@@ -248,7 +235,7 @@ def write(conv_rows, linear_rows, args, path):
         tl_version = "tensorly-torch not installed"
     load = f"; load average before the run {args.load:.2f}" if args.load is not None else ""
     load += "; flush-denormal on" if args.flush_denormal else ""
-    load += "; --keep-freed-memory: glibc mallopt (no page faults on reused buffers)" if args.keep_freed_memory else ""
+    load += f"; {NOTE}" if args.keep_freed_memory else ""
     lines = [f"# Layers: tnlayers auto vs tensorly-torch vs dense ({device.type})", "",
              f"- Machine: {machine}; torch {torch.__version__}; {tl_version}{load}",
              f"- Command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}`",
@@ -286,18 +273,14 @@ def main(argv=None):
                         help="train rows: the input needs no gradient (a network's first layer); default: it does")
     parser.add_argument("--no-linear", action="store_true", help="conv grid only")
     parser.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True)")
-    parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="glibc mallopt so freed tensors are reused instead of unmapped (see keep_freed_memory): "
-                             "without it, page faults on fresh 8 MB outputs dominate thin layers, for every library alike")
+    parser.add_argument("--keep-freed-memory", action="store_true", help=FLAG_HELP)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.flush_denormal and not torch.set_flush_denormal(True):
         print("--flush-denormal: not supported on this CPU; measuring without it")
-    if args.keep_freed_memory and not keep_freed_memory():
-        print("--keep-freed-memory: no glibc here; measuring with the system allocator as it is")
-        args.keep_freed_memory = False
+    apply_flag(args)
     args.load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     device = torch.device(args.device)
     conv_rows = grid("conv", args, device)

@@ -30,6 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from _memory import FLAG_HELP, apply_flag  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import tnlayers  # noqa: E402
@@ -240,6 +241,7 @@ def main(argv=None) -> None:
                         help="default: SGD SAM DAS BAR XSAM GSAM, plus DAS-triton on CUDA")
     parser.add_argument("--eig-every", type=int, default=10, help="XSAM: steps between eigenvector updates")
     parser.add_argument("--eig-iters", type=int, default=5, help="XSAM: power iterations per update")
+    parser.add_argument("--keep-freed-memory", action="store_true", help=FLAG_HELP)
     parser.add_argument("--out", default=None, help="markdown file (default: benchmarks/results/step_time_<device>.md)")
     args = parser.parse_args(argv)
     if args.methods is None:
@@ -249,6 +251,7 @@ def main(argv=None) -> None:
         args.methods = ["SGD"] + args.methods
     if args.threads:
         torch.set_num_threads(args.threads)
+    apply_flag(args)
     if "DAS-triton" in args.methods and not args.device.startswith("cuda"):
         parser.error("DAS-triton needs --device cuda")
     result = run(args)

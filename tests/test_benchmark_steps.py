@@ -1,0 +1,54 @@
+"""benchmarks/step_time.py and adapter_step.py end to end at toy sizes (untimed: the scripts run, write
+every method's row and the settings, and their statistics are consistent with each other)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name):
+    sys.path.insert(0, str(BENCH))  # the scripts import each other and _memory by their file names
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def check_stats(medians, spread, methods):
+    assert list(medians) == methods
+    for method in methods:
+        low, high = spread[method]
+        assert 0 < low <= medians[method][0] <= high
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_step_time_runs_and_reports(tmp_path, keep):
+    out = tmp_path / "step.md"
+    argv = ["--width", "4", "--blocks", "1", "--batch", "4", "--size", "8", "--rounds", "2", "--warmup", "1",
+            "--steps", "1", "--methods", "SGD", "DAS", "--out", str(out)]
+    load("step_time").main(argv + (["--keep-freed-memory"] if keep else []))
+    text = out.read_text()
+    assert "| SGD |" in text and "| DAS |" in text
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["settings"]["keep_freed_memory"] is (keep and sys.platform.startswith("linux"))
+    check_stats(data["result"]["medians"], data["result"]["spread"], ["SGD", "DAS"])
+    assert data["result"]["samples"] == 2
+
+
+def test_adapter_step_runs_and_reports(tmp_path):
+    out = tmp_path / "adapter.md"
+    load("adapter_step").main(["--formats", "lora", "--dim", "32", "--depth", "1", "--heads", "2", "--batch", "2",
+                               "--seq", "8", "--rounds", "2", "--warmup", "1", "--steps", "1",
+                               "--keep-freed-memory", "--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    result = data["results"]["lora"]
+    check_stats(result["medians"], result["spread"], ["Adam", "SAM", "DAS"])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| lora |")]
+    assert [row.split("|")[3].strip() for row in rows] == ["Adam", "SAM", "DAS"]
