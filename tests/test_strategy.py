@@ -57,6 +57,29 @@ def test_a_wide_gap_in_the_first_timed_round_decides_without_repeats(monkeypatch
     assert calls == ["dense", "factorized"] and layer.last_strategy == "dense"
 
 
+def test_a_close_call_is_timed_more(monkeypatch):
+    layer = CPConv2d(64, 64, 3, padding=1, rank=138)
+    calls = fake_timings(monkeypatch, {"dense": 1.0, "factorized": 0.9})  # within CLOSE
+    layer(torch.randn(4, 64, 16, 16))
+    rounds = strategy_module.REPEATS + strategy_module.EXTRA_REPEATS
+    assert calls == ["dense", "factorized"] * rounds and layer.last_strategy == "factorized"
+
+
+def test_the_extra_rounds_catch_a_gap_that_noise_hid(monkeypatch):
+    """Factorized is 15% faster, but its first REPEATS timings were slowed to look like a tie; the extra
+    rounds of a close call see the gap. With REPEATS rounds only, the tie would have gone to dense."""
+    layer = CPConv2d(64, 64, 3, padding=1, rank=138)
+    seen = {"dense": [1.0] * 10, "factorized": [1.0] * strategy_module.REPEATS + [0.85] * 10}
+
+    def clock(run, strategy, device):
+        run(strategy)
+        return seen[strategy].pop(0)
+    monkeypatch.setattr(strategy_module, "_time", clock)
+    layer(torch.randn(4, 64, 16, 16))
+    assert layer.last_strategy == "factorized"
+    assert len(seen["factorized"]) == 10 - strategy_module.EXTRA_REPEATS
+
+
 @pytest.mark.parametrize("factorized_time", [1.0 - strategy_module.TIE / 2, 1.0 + strategy_module.TIE / 2])
 def test_a_tie_goes_to_dense_although_factorized_has_fewer_flops(monkeypatch, factorized_time):
     layer = CPConv2d(64, 64, 3, padding=1, rank=138)

@@ -8,11 +8,12 @@
 The factorized chain wins only when it needs several times fewer multiply-adds than dense: its thin
 intermediate convolutions are memory-bound, so FLOPs alone can pick it wrongly at high rank (a CP conv of
 rank 137 on 64 channels has half the FLOPs of dense; on one CPU core its training step took 1.76x dense's
-time where fresh activations page-fault, 0.95x with memory reused: the winner depends on the machine and
+time where fresh activations page-fault, 0.8x with memory reused: the winner depends on the machine and
 even on the process's allocator). ``"auto"`` therefore
 times one forward (+ backward when gradients are needed) of each strategy on the first call for a given
 layer configuration, input shape, device, dtype and grad mode, and caches the faster (factorized only when
-it is at least ``TIE`` faster: ties go to dense); layers of the same configuration share the decision.
+it is at least ``TIE`` faster: ties go to dense; a close call, within ``CLOSE``, is timed ``EXTRA_REPEATS``
+more times); layers of the same configuration share the decision.
 Timing is skipped where the FLOP estimate settles it (one strategy needs ``TRUST_RATIO`` times fewer
 FLOPs) or where the layer is too small for the choice to matter (``MIN_TIMED_FLOPS``), on devices other
 than CPU and CUDA, and inside ``torch.compile`` (traced forwards use a decision an eager call already
@@ -33,6 +34,8 @@ TRUST_RATIO = 8.0  # a FLOP ratio beyond this decides without timing
 MIN_TIMED_FLOPS = 5e7  # below this (about a millisecond on one CPU core) either choice is fine: not timed
 TIE = 0.05  # timings closer than this fraction are a tie, which goes to dense (see decide)
 REPEATS = 3  # timed runs per strategy after one warm-up each, interleaved; the minimum counts
+CLOSE = 1.25  # minimums closer than this ratio after REPEATS rounds: a close call, timed EXTRA_REPEATS more
+EXTRA_REPEATS = 2
 EARLY_RATIO = 3.0  # first timed runs this far apart decide at once (no repeats of a slow strategy)
 _MAX_DECISIONS = 4096
 _MAX_CHOICES_PER_MODULE = 64  # input shapes a module remembers its choice for
@@ -101,6 +104,12 @@ def _time(run: Callable[[str], None], strategy: str, device: torch.device) -> fl
     return time.perf_counter() - start
 
 
+def _close(times: Dict[str, list]) -> bool:
+    """A close call: on a shared machine one slow run in three can still flip a 20% gap, so time more."""
+    low, high = sorted(min(t) for t in times.values())
+    return high < CLOSE * low
+
+
 def decide(key: Hashable, strategy: str, costs: Callable[[], tuple], run: Callable[[str], None],
            device: torch.device) -> str:
     """The choice of ``strategy`` ("auto" or "flops") for ``key``, made once and cached.
@@ -119,12 +128,14 @@ def decide(key: Hashable, strategy: str, costs: Callable[[], tuple], run: Callab
             for s in ("dense", "factorized"):
                 run(s)  # warm-up, untimed: it pays one-time costs (oneDNN/cuDNN primitives for new shapes)
             times = {"dense": [], "factorized": []}
-            for repeat in range(REPEATS):
+            repeat = 0
+            while repeat < REPEATS or (repeat < REPEATS + EXTRA_REPEATS and _close(times)):
                 for s in times:
                     times[s].append(_time(run, s, device))
                 first = sorted(t[0] for t in times.values())
                 if repeat == 0 and first[1] >= EARLY_RATIO * first[0]:
                     break  # a gap this wide decides: no repeats of a slow strategy
+                repeat += 1
             # a tie goes to dense: one compute-bound op, steadier under load than a chain of memory-bound
             # ones, and with the inference cache exactly the dense layer's cost
             t_dense, t_factorized = min(times["dense"]), min(times["factorized"])

@@ -78,7 +78,7 @@ class TensorizedLayer(CoreModule):
     def weight(self) -> torch.Tensor:
         """The reconstructed dense weight, shaped like the ``nn`` counterpart's."""
         self._check_materialized("weight")
-        return self.plan.weight(list(self.cores)).reshape(self._weight_shape())
+        return self.plan.weight(self.core_parameters()).reshape(self._weight_shape())
 
     def reset_parameters(self) -> None:
         """Variance-preserving cores (the weight's std matches Kaiming-normal's); ``nn``'s bias init."""
@@ -141,7 +141,7 @@ class TensorizedLayer(CoreModule):
             self.last_strategy = strategy
         if strategy == "dense":
             return self._dense(x, self._dense_weight(), self.bias)
-        return self._factorized(x, list(self.cores), self.bias)
+        return self._factorized(x, self.core_parameters(), self.bias)
 
     def _needs_grad(self, x) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
@@ -189,7 +189,7 @@ class TensorizedLayer(CoreModule):
         and storage are part of the cache key. ``cache_weight = False`` turns this off for the layer."""
         if torch.compiler.is_compiling():
             return self.weight
-        cores = list(self.cores)
+        cores = self.core_parameters()
         if (not self.cache_weight or (torch.is_grad_enabled() and any(c.requires_grad for c in cores))
                 or any(c.is_inference() or hasattr(c, "to_local") for c in cores)):
             self._weight_cache = None  # training: free the inference copy
