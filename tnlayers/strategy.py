@@ -128,14 +128,14 @@ def decide(key: Hashable, strategy: str, costs: Callable[[], tuple], run: Callab
             for s in ("dense", "factorized"):
                 run(s)  # warm-up, untimed: it pays one-time costs (oneDNN/cuDNN primitives for new shapes)
             times = {"dense": [], "factorized": []}
-            repeat = 0
-            while repeat < REPEATS or (repeat < REPEATS + EXTRA_REPEATS and _close(times)):
+            for repeat in range(REPEATS + EXTRA_REPEATS):
+                if repeat >= REPEATS and not _close(times):
+                    break  # the extra rounds are for close calls only
                 for s in times:
                     times[s].append(_time(run, s, device))
                 first = sorted(t[0] for t in times.values())
                 if repeat == 0 and first[1] >= EARLY_RATIO * first[0]:
                     break  # a gap this wide decides: no repeats of a slow strategy
-                repeat += 1
             # a tie goes to dense: one compute-bound op, steadier under load than a chain of memory-bound
             # ones, and with the inference cache exactly the dense layer's cost
             t_dense, t_factorized = min(times["dense"]), min(times["factorized"])

@@ -67,7 +67,7 @@ class Conv2dAdapter(Adapter):
         pad, args = self._conv_args()
         if pad is not None:
             x = F.pad(x, pad, mode=self.base.padding_mode)
-        return self.scale * self.plan.factorized(x, list(self.cores), args)
+        return self.scale * self.plan.factorized(x, self.core_parameters(), args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

@@ -119,7 +119,7 @@ class Adapter(CoreModule):
         self._check_materialized("delta_weight")
         # contiguous: a contraction's output may come transposed, and W + ΔW would inherit that layout (for a
         # 1x1 conv it reads as channels-last), sending the base op to another kernel than base(x) runs
-        return (self.scale * self.plan.weight(list(self.cores)).reshape(self._delta_shape())).contiguous()
+        return (self.scale * self.plan.weight(self.core_parameters()).reshape(self._delta_shape())).contiguous()
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -199,9 +199,6 @@ class Adapter(CoreModule):
                 if grad and cores:
                     torch.autograd.grad(y, cores, torch.ones_like(y))
         return run
-
-    def core_parameters(self):
-        return list(self.cores)
 
     def extra_repr(self) -> str:
         return (f"format={self.format!r}, rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, "

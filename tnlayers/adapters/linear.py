@@ -65,7 +65,7 @@ class LinearAdapter(Adapter):
         rows = x.numel() // self.in_features
         y = self.base(x)
         x2d = self.dropout(x).reshape(rows, self.in_features)
-        delta = self.plan.factorized(x2d, list(self.cores)).reshape(*x.shape[:-1], self.out_features)
+        delta = self.plan.factorized(x2d, self.core_parameters()).reshape(*x.shape[:-1], self.out_features)
         return y + (self.scale * delta).to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -76,7 +76,7 @@ class CoreModule(nn.Module):
         self.format = net.format
         self.cores = nn.ParameterList(
             [nn.Parameter(torch.empty(shape, device=device, dtype=dtype)) for shape in net.shapes])
-        mark_core_group(list(self.cores))
+        mark_core_group(self.core_parameters())
 
     def core_parameters(self) -> List[nn.Parameter]:
         """The cores, in order: the parameters of this module's scale-invariant group."""
@@ -90,7 +90,7 @@ class CoreModule(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_weight_cache", None)  # a cached weight belongs to the old storage
         out = super()._apply(fn, *args, **kwargs)
-        cores = list(self.cores)
+        cores = self.core_parameters()
         if any(group_of(c) is None for c in cores):  # e.g. to_empty() from meta made new parameter objects
             mark_core_group(cores)
         return out
@@ -98,7 +98,7 @@ class CoreModule(nn.Module):
     def __setstate__(self, state):
         state.pop("_weight_cache", None)  # deepcopy/unpickling: the copy rebuilds its own
         super().__setstate__(state)
-        mark_core_group(list(self.cores))  # deepcopy/unpickling makes new parameter objects without markers
+        mark_core_group(self.core_parameters())  # deepcopy/unpickling makes new parameter objects without markers
 
     def _check_materialized(self, what: str) -> None:
         """A clear error instead of a failure deep inside a contraction when the cores have no values."""
