@@ -69,6 +69,9 @@ def tltorch_layers(kind, fmt, rank, device):
         if kind == "conv":
             layers[impl] = FactorizedConv(64, 64, (3, 3), padding=1, factorization=name, rank=rank,
                                           implementation=impl, device=device)
+            # tltorch 0.5's FactorizedConv leaves its factors uninitialized (torch.empty): timed as built,
+            # garbage values with denormals made its calls up to 20x slower, varying from process to process
+            layers[impl].reset_parameters()  # its own init: the weight ~ N(0, 0.02)
         else:
             layers[impl] = FactorizedLinear((16, 8, 8), (16, 8, 8), factorization=name, rank=rank,
                                             implementation=impl, device=device)

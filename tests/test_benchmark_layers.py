@@ -48,3 +48,19 @@ def test_tiny_grid_writes_every_row(bench, tmp_path):
     rows = [line for line in text.splitlines() if line.startswith(("| tucker |", "| tt |"))]
     assert len(rows) == 2 * 2 * 2  # formats x modes, conv and linear
     assert text.count("target <=") == 4 and text.count("geometric-mean speed-up") == 2  # n/a without tltorch
+
+
+@pytest.mark.parametrize("kind,fmt", [("conv", "tucker"), ("conv", "tt"), ("conv", "cp"), ("linear", "tt")])
+def test_tltorch_layers_are_initialized(bench, kind, fmt):
+    """tltorch 0.5's FactorizedConv leaves its factors as torch.empty garbage; timed like that, denormals and
+    huge values slowed it up to 20x. Every rival must be built by its own init: finite, no denormals, not all
+    zero, |w| < 1 (tltorch's TT init gives a weight std of ~1e-4 to 1e-5, not the 0.02 it asks for)."""
+    pytest.importorskip("tltorch")
+    import torch
+    layers = bench.tltorch_layers(kind, fmt, 0.25, torch.device("cpu"))
+    assert layers
+    for impl, layer in layers.items():
+        weight = layer.weight.to_tensor().detach()
+        tiny = (weight != 0) & (weight.abs() < torch.finfo(weight.dtype).tiny)
+        assert torch.isfinite(weight).all() and not tiny.any(), impl
+        assert weight.std().item() > 0 and weight.abs().max().item() < 1.0, impl

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .formats.network import Network, einsum_equation, mode_label
+from .pointwise import from_pixels, pixel_map, to_pixels
 
 __all__ = ["Contraction", "expression", "LinearPlan", "ConvPlan"]
 
@@ -178,31 +179,33 @@ class ConvPlan(_Plan):
         x, *cores = _under_autocast([x, *cores])
         pick = lambda side: [cores[k] for k in self.sides[side]]  # noqa: E731
         m_in = self._in_expr(*pick("in")).reshape(self.size(self.mid_in), c_in)
-        t = _pointwise(x, m_in)  # (B, pass*depth*into, H, W)
+        passing = self.size(self.pass_)
+        # Channels-last into the k x k conv, unless a ring's passing bond is folded into the batch (needs NCHW).
+        t = _pointwise(x, m_in, None, channels_last=passing == 1)  # (B, pass*depth*into, H, W)
         groups = self.size(self.depth)
-        t = t.reshape(batch * self.size(self.pass_), groups * self.size(self.into), h, w)
+        if passing > 1:
+            t = t.reshape(batch * passing, groups * self.size(self.into), h, w)
         kernel = self._kernel_expr(*pick("kernel")).reshape(groups * self.size(self.outof), self.size(self.into),
                                                             *self.kernel_size)
         y = F.conv2d(t, kernel, None, groups=groups, **conv_args)
-        y = y.reshape(batch, self.size(self.mid_out), *y.shape[-2:])
+        if passing > 1:
+            y = y.reshape(batch, self.size(self.mid_out), *y.shape[-2:])
         m_out = self._out_expr(*pick("out")).reshape(self.size(self.out_modes), self.size(self.mid_out))
-        return _pointwise(y, m_out, None if bias is None else bias.to(y.dtype))
+        bias = None if bias is None else bias.to(y.dtype)
+        x_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return _pointwise(y, m_out, bias, channels_last=x_last)  # in the input's layout, as nn.Conv2d
 
 
-def _pointwise(x: torch.Tensor, matrix: torch.Tensor, bias=None) -> torch.Tensor:
-    """1x1 conv of (B, C, H, W) by a (C_out, C) matrix. On CPU, for NCHW-contiguous input, one batched GEMM
-    over the flattened pixels: it makes a factorized layer's fwd+bwd 7-20% faster than oneDNN's 1x1 convs
-    do (benchmarks/results/cpu-layers.md). Not ``torch.matmul``: broadcasting a 2-D matrix, it copies the
-    input to fold the batch, 2-4x slower. Elsewhere (CUDA, channels-last input) the 1x1 conv, which reads
-    either layout in place."""
-    batch, channels, h, w = x.shape
-    if x.device.type != "cpu" or not x.is_contiguous():
+def _pointwise(x: torch.Tensor, matrix: torch.Tensor, bias, channels_last: bool) -> torch.Tensor:
+    """1x1 map of (B, C, H, W) by a (C_out, C) matrix, the result in the layout asked for.
+
+    On CPU, from or to NCHW: one batched GEMM over the pixels (:mod:`tnlayers.pointwise`). A factorized layer's
+    fwd+bwd runs 7-20% faster than with oneDNN's 1x1 convs, and the k x k conv gets channels-last input without
+    a copy. Not ``torch.matmul``: broadcasting a 2-D matrix, it copies the input to fold the batch, 2-4x
+    slower. Channels-last to channels-last, oneDNN's 1x1 conv is ~10% faster than the GEMMs (inference);
+    on CUDA cuDNN's 1x1 conv reads either layout in place (a GEMM there is unmeasured)."""
+    if x.device.type != "cpu" or (channels_last and not x.is_contiguous()):
         return F.conv2d(x, matrix.reshape(*matrix.shape, 1, 1), bias)
-    flat = x.reshape(batch, channels, h * w)
-    weight = matrix.expand(batch, *matrix.shape)  # stride-0 batch: no copy; its gradient sums over the batch
-    y = torch.bmm(weight, flat)
-    if bias is not None:  # in place: baddbmm would first copy the broadcast bias over the whole output
-        y.add_(bias.reshape(1, -1, 1))
-    return y.reshape(batch, matrix.shape[0], h, w)
-
-
+    h, w = x.shape[-2:]
+    pixels, x_last = to_pixels(x)
+    return from_pixels(pixel_map(pixels, matrix, bias, x_last, channels_last), channels_last, h, w)

@@ -1,0 +1,80 @@
+"""1x1 maps of a factorized conv chain as batched GEMMs over the pixels, in either memory layout.
+
+An activation (B, C, H, W) is held here as its pixels (B, C, P), P = H*W, stored either NCHW-contiguous or
+channels-last (then ``x.mT`` of a contiguous (B, P, C)). A map ``y = matrix @ x`` can write ``y`` in either
+layout, so the chain's middle k x k conv gets channels-last input, which oneDNN runs 2-8x faster than NCHW at
+the odd channel counts ranks give (depthwise too), without a copy to convert it.
+
+Why a custom autograd function: autograd of the plain ``bmm`` hands back ``x``'s gradient in ``y``'s layout,
+so a chain turning NCHW input into channels-last would give the layer below a transposed gradient (a copy
+the size of the input, on every step). Here each gradient comes back in its own tensor's layout. Its
+backward is made of differentiable ops, so second-order gradients work.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["to_pixels", "from_pixels", "pixel_map"]
+
+
+def to_pixels(x: torch.Tensor):
+    """(B, C, H, W) -> (stored pixels, channels_last): stored (B, C, P) for NCHW, (B, P, C) for channels-last.
+    Other strides are made channels-last contiguous (one copy)."""
+    batch, channels, h, w = x.shape
+    if x.is_contiguous():
+        return x.reshape(batch, channels, h * w), False
+    x = x.contiguous(memory_format=torch.channels_last)
+    return x.permute(0, 2, 3, 1).reshape(batch, h * w, channels), True
+
+
+def from_pixels(y: torch.Tensor, channels_last: bool, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`to_pixels`: a (B, C, H, W) view of stored pixels."""
+    if channels_last:
+        return y.reshape(y.shape[0], h, w, y.shape[2]).permute(0, 3, 1, 2)
+    return y.reshape(y.shape[0], y.shape[1], h, w)
+
+
+def _gemm(x: torch.Tensor, matrix: torch.Tensor, x_last: bool, y_last: bool) -> torch.Tensor:
+    """Stored pixels of ``matrix @ x`` for stored pixels ``x``; the stride-0 batch of the expanded matrix is no copy."""
+    batch = x.shape[0]
+    xs = x.mT if x_last else x  # (B, C, P), a strided view either way: bmm reads both orders in place
+    if y_last:  # y^T = x^T @ matrix^T, written (B, P, O)
+        return torch.bmm(xs.mT, matrix.mT.expand(batch, *matrix.mT.shape))
+    return torch.bmm(matrix.expand(batch, *matrix.shape), xs)
+
+
+def _map(x, matrix, bias, x_last: bool, y_last: bool) -> torch.Tensor:
+    y = _gemm(x, matrix, x_last, y_last)
+    if bias is not None:  # in place: one pass fewer than baddbmm, which copies the broadcast bias first
+        y.add_(bias.reshape((1, 1, -1) if y_last else (1, -1, 1)))
+    return y
+
+
+class _PixelMap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, matrix, bias, x_last: bool, y_last: bool):
+        ctx.save_for_backward(x, matrix)
+        ctx.layouts = (x_last, y_last)
+        return _map(x, matrix, bias, x_last, y_last)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, matrix = ctx.saved_tensors
+        x_last, y_last = ctx.layouts
+        grad_x = grad_matrix = grad_bias = None
+        if ctx.needs_input_grad[0]:  # matrix^T @ grad, written in x's layout
+            grad_x = _gemm(grad, matrix.mT, y_last, x_last)
+        g = grad.mT if y_last else grad  # (B, O, P)
+        if ctx.needs_input_grad[1]:
+            grad_matrix = torch.bmm(g, x if x_last else x.mT).sum(0)  # (B, O, P) @ (B, P, C), summed over B
+        if ctx.needs_input_grad[2]:
+            grad_bias = g.sum((0, 2))
+        return grad_x, grad_matrix, grad_bias, None, None
+
+
+def pixel_map(x: torch.Tensor, matrix: torch.Tensor, bias, x_last: bool, y_last: bool) -> torch.Tensor:
+    """Stored pixels (B, O, P) or (B, P, O) of ``matrix @ x + bias`` for stored pixels ``x`` (see module doc);
+    ``matrix`` (O, C), ``bias`` (O,) or None."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, matrix, bias)):
+        return _PixelMap.apply(x, matrix, bias, x_last, y_last)
+    return _map(x, matrix, bias, x_last, y_last)  # no graph to record: skip the Function's per-call overhead
