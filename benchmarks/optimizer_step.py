@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -26,7 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _machine import cpu_name  # noqa: E402
 from tnlayers import core_groups, models  # noqa: E402
 from tnlayers.optim import DAS  # noqa: E402
 
@@ -141,7 +142,7 @@ def run(args):
 def write(rows, args, path):
     device = torch.device(args.device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
+        f"{cpu_name()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
     lines = [f"# Optimizer step alone on the cores ({device.type})", "",
              f"- Machine: {machine}; torch {torch.__version__}",
              f"- Command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}`",

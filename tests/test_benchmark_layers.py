@@ -64,3 +64,25 @@ def test_tltorch_layers_are_initialized(bench, kind, fmt):
         tiny = (weight != 0) & (weight.abs() < torch.finfo(weight.dtype).tiny)
         assert torch.isfinite(weight).all() and not tiny.any(), impl
         assert weight.std().item() > 0 and weight.abs().max().item() < 1.0, impl
+
+
+def test_cpu_name_reads_the_first_processor(tmp_path, bench):
+    import _machine  # on the path once the benchmark module is loaded
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t\t: fpu sse avx2 avx512f\n\n"
+                    "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu amx_tile\n")
+    assert _machine.cpu_name(str(info)) == "Example CPU 9000 (avx2, avx512f)"
+    assert _machine.cpu_name(str(tmp_path / "missing"))  # falls back to the platform's name
+
+
+def test_round_orders_vary_every_implementations_predecessor(bench):
+    names = ["dense", "tltorch factorized", "tltorch reconstructed", "tnlayers dense", "tnlayers factorized",
+             "tnlayers auto"]
+    orders = bench.round_orders(names, 30)
+    assert all(sorted(order) == sorted(names) for order in orders)
+    before = {name: set() for name in names}
+    for order in orders:
+        for prev, name in zip(order, order[1:]):
+            before[name].add(prev)
+    assert all(len(prevs) >= 4 for prevs in before.values()), before  # a rotation gives 1 (+1 at the wrap)
+    assert bench.round_orders(names, 30) == orders  # seeded: a rerun times the same orders

@@ -51,11 +51,17 @@ def _map(x, matrix, bias, x_last: bool, y_last: bool) -> torch.Tensor:
 
 
 class _PixelMap(torch.autograd.Function):
+    generate_vmap_rule = True  # with setup_context: torch.func's grad, vmap, jacrev work as for nn.Conv2d
+
     @staticmethod
-    def forward(ctx, x, matrix, bias, x_last: bool, y_last: bool):
+    def forward(x, matrix, bias, x_last: bool, y_last: bool):
+        return _map(x, matrix, bias, x_last, y_last)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, matrix, _, x_last, y_last = inputs
         ctx.save_for_backward(x, matrix)
         ctx.layouts = (x_last, y_last)
-        return _map(x, matrix, bias, x_last, y_last)
 
     @staticmethod
     def backward(ctx, grad):

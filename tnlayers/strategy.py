@@ -131,7 +131,9 @@ def decide(key: Hashable, strategy: str, costs: Callable[[], tuple], run: Callab
             for repeat in range(REPEATS + EXTRA_REPEATS):
                 if repeat >= REPEATS and not _close(times):
                     break  # the extra rounds are for close calls only
-                for s in times:
+                # alternate who goes first: what ran just before shifts a call's time (here a chain ran 29%
+                # slower right after a dense conv), and a fixed order would always charge it to one side
+                for s in (("dense", "factorized") if repeat % 2 == 0 else ("factorized", "dense")):
                     times[s].append(_time(run, s, device))
                 first = sorted(t[0] for t in times.values())
                 if repeat == 0 and first[1] >= EARLY_RATIO * first[0]:
