@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _memory import FLAG_HELP, apply_flag  # noqa: E402
+from _output import default_out  # noqa: E402
 from step_time import machine_description, synchronize  # noqa: E402
 
 from examples.finetune_adapters import Block  # noqa: E402  (the example's transformer block)
@@ -180,7 +181,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=2, help="steps per method per round")
     parser.add_argument("--keep-freed-memory", action="store_true", help=FLAG_HELP)
-    parser.add_argument("--out", default=None, help="markdown file (default benchmarks/results/adapter_step_<device>.md)")
+    parser.add_argument("--out", default=None, help="markdown file (default benchmarks/results/local/adapter_step_<device>.md, git-ignored; "
+                        "name a committed table to update it)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,7 +196,7 @@ def main(argv=None) -> None:
     machine = machine_description(device)
     text = report(args, results, machine)
     print(text)
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"adapter_step_{device.type}.md"
+    out = Path(args.out) if args.out else default_out(f"adapter_step_{device.type}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps(dict(command=sys.argv, machine=machine, settings=vars(args),

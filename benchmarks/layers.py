@@ -1,6 +1,6 @@
 """tnlayers' automatic strategy against every tensorly-torch implementation and the dense layer, side by side.
 
-    python benchmarks/layers.py --threads 1 --keep-freed-memory   # writes benchmarks/results/<device>-layers.md
+    python benchmarks/layers.py --threads 1 --keep-freed-memory   # writes benchmarks/results/local/<device>-layers.md
     python benchmarks/layers.py --device cuda
 
 Grid (speed issue): every format x rank (fraction of the dense parameter count) {0.05, 0.1, 0.25, 0.5} x
@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tnlayers  # noqa: E402
 from _machine import cpu_name  # noqa: E402
 from _memory import FLAG_HELP, NOTE, apply_flag  # noqa: E402
+from _output import default_out  # noqa: E402
 
 FORMATS = ("tucker", "tt", "cp", "tr")
 RANKS = (0.05, 0.1, 0.25, 0.5)
@@ -296,7 +297,7 @@ def main(argv=None):
     conv_rows = grid("conv", args, device)
     linear_rows = [] if args.no_linear else grid("linear", args, device)
     tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-").lower()
-    write(conv_rows, linear_rows, args, args.out or Path(__file__).parent / "results" / f"{tag}-layers.md")
+    write(conv_rows, linear_rows, args, args.out or default_out(f"{tag}-layers.md"))
 
 
 if __name__ == "__main__":

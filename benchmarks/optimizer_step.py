@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import cpu_name  # noqa: E402
+from _output import default_out  # noqa: E402
 from tnlayers import core_groups, models  # noqa: E402
 from tnlayers.optim import DAS  # noqa: E402
 
@@ -167,7 +168,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", default=None, help="markdown file (default: benchmarks/results/<device>-optimizer_step.md)")
+    parser.add_argument("--out", default=None, help="markdown file (default benchmarks/results/local/<device>-optimizer_step.md, git-ignored; "
+                        "name a committed table to update it)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,7 +177,7 @@ def main(argv=None):
         parser.error("--device cuda but no CUDA device is available")
     rows = run(args)
     tag = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().replace(" ", "-").lower()
-    write(rows, args, args.out or Path(__file__).parent / "results" / f"{tag}-optimizer_step.md")
+    write(rows, args, args.out or default_out(f"{tag}-optimizer_step.md"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Median training-step time of SGD, SAM, DAS, BAR, X-SAM and GSAM on a small tensorized CNN, as ratios to SGD.
 
-    python benchmarks/step_time.py                      # CPU, writes benchmarks/results/step_time_cpu.md
+    python benchmarks/step_time.py                      # CPU, writes benchmarks/results/local/step_time_cpu.md
     python benchmarks/step_time.py --device cuda --out benchmarks/results/step_time_cuda.md
 
 A training step is forward + backward + optimizer step (SAM, GSAM, X-SAM: two forward/backward passes;
@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import cpu_name  # noqa: E402
 from _memory import FLAG_HELP, apply_flag  # noqa: E402
+from _output import default_out  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import tnlayers  # noqa: E402
@@ -237,7 +238,8 @@ def main(argv=None) -> None:
     parser.add_argument("--eig-every", type=int, default=10, help="XSAM: steps between eigenvector updates")
     parser.add_argument("--eig-iters", type=int, default=5, help="XSAM: power iterations per update")
     parser.add_argument("--keep-freed-memory", action="store_true", help=FLAG_HELP)
-    parser.add_argument("--out", default=None, help="markdown file (default: benchmarks/results/step_time_<device>.md)")
+    parser.add_argument("--out", default=None, help="markdown file (default benchmarks/results/local/step_time_<device>.md, git-ignored; "
+                        "name a committed table to update it)")
     args = parser.parse_args(argv)
     if args.methods is None:
         args.methods = ["SGD", "SAM", "DAS", "BAR", "XSAM", "GSAM"] + (
@@ -253,7 +255,7 @@ def main(argv=None) -> None:
     text = report(args, result)
     print(text)
     tag = torch.device(args.device).type + ("" if args.model == "cnn" else f"_{args.model}")
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"step_time_{tag}.md"
+    out = Path(args.out) if args.out else default_out(f"step_time_{tag}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps(dict(

@@ -1,6 +1,6 @@
 """Tensorized adapter fine-tuning with Adam, SAM and DAS, on a task that needs no download.
 
-    python examples/finetune_adapters.py            # ~10 min on one CPU core; writes examples/results/finetune_adapters.*
+    python examples/finetune_adapters.py            # ~10 min on one CPU core; writes examples/results/local/*
     python examples/finetune_adapters.py --quick    # seconds: a smoke run
 
 The DAS paper fine-tunes RoBERTa-large with FLoRA (Tucker-2 ΔW = A·G·Bᵀ, rank 8) and OPT-6.7B with LoRETTA
@@ -230,7 +230,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--pretrain-epochs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds per adapter")
-    parser.add_argument("--out", default=None, help="results stem (default examples/results/finetune_adapters)")
+    parser.add_argument("--out", default=None, help="results stem (default examples/results/local/finetune_adapters, git-ignored; "
+                        "examples/results/finetune_adapters updates the committed one)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.shots, args.epochs, args.pretrain_epochs, args.rounds = 1, 5, 2, 1, 1
@@ -240,7 +241,7 @@ def main(argv=None) -> dict:
     text = report(args, result)
     print(text)
     if args.out or not args.quick:
-        out = Path(args.out) if args.out else Path(__file__).parent / "results" / "finetune_adapters"
+        out = Path(args.out) if args.out else Path(__file__).parent / "results" / "local" / "finetune_adapters"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".md").write_text(text)
         out.with_suffix(".json").write_text(json.dumps(dict(command=sys.argv, settings=vars(args), result=result),

@@ -215,7 +215,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--float32", dest="float64", action="store_false")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="CI setting: 3 noise levels, 300 iterations")
-    parser.add_argument("--out-dir", default="examples/results")
+    parser.add_argument("--out-dir", default="examples/results/local",
+                        help="default: a git-ignored folder; pass examples/results to update the committed results")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:

@@ -9,7 +9,8 @@ EM-style imputation (missing entries are refilled from the current Tucker recons
     python examples/tensor_completion.py                 # full setting: 50,000 iterations, 3 splits
     python examples/tensor_completion.py --quick         # a ~30 s check
 
-Results go to ``--out-dir`` (default ``examples/results``): ``tensor_completion.json`` (settings, per-split
+Results go to ``--out-dir`` (default ``examples/results/local``, git-ignored; ``examples/results`` updates the
+committed ones): ``tensor_completion.json`` (settings, per-split
 R^2, learning curves), ``tensor_completion.csv`` (one row per method and split) and a PNG.
 See ``benchmarks/results/tensor_completion.md`` for how the defaults were chosen and how they compare
 with the paper's numbers.
@@ -282,7 +283,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--alpha", type=float, default=0.001, help="DAS strength (paper: 0.001)")
     parser.add_argument("--float64", action="store_true", help="train in float64 (slower)")
     parser.add_argument("--log-every", type=int, default=500, help="learning-curve interval (iterations)")
-    parser.add_argument("--out-dir", default="examples/results")
+    parser.add_argument("--out-dir", default="examples/results/local",
+                        help="default: a git-ignored folder; pass examples/results to update the committed results")
     parser.add_argument("--name", default="tensor_completion", help="output file stem")
     parser.add_argument("--jobs", type=int, default=1, help="fits run in parallel processes")
     parser.add_argument("--no-progress", action="store_true")

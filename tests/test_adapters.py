@@ -390,6 +390,8 @@ BAD = [  # (id, call, exception, message regex); each documented in docs/errors.
     ("format-not-str", lambda: adapt(dense_net(), 3, target_modules=["3"]), TypeError, "format must be a str"),
     ("rank-zero", lambda: adapt(dense_net(), rank=0, target_modules=["3"]), ValueError, "rank must be a positive"),
     ("rank-float", lambda: adapt(dense_net(), rank=0.5, target_modules=["3"]), TypeError, "rank must be a positive"),
+    ("rank-unallocatable", lambda: adapt(dense_net(), "tt", rank=10**6, target_modules=["3"]), ValueError,
+     r"15,000,008,000,000 parameters against 1,800 for the base weight; rank is out of range"),
     ("alpha-nan", lambda: adapt(dense_net(), alpha=NAN, target_modules=["3"]), ValueError, "alpha must be a finite"),
     ("alpha-zero", lambda: adapt(dense_net(), alpha=0, target_modules=["3"]), ValueError, "alpha must be a finite"),
     ("alpha-str", lambda: adapt(dense_net(), alpha="16", target_modules=["3"]), TypeError, "alpha must be a number"),

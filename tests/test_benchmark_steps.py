@@ -52,3 +52,22 @@ def test_adapter_step_runs_and_reports(tmp_path):
     check_stats(result["medians"], result["spread"], ["Adam", "SAM", "DAS"])
     rows = [line for line in out.read_text().splitlines() if line.startswith("| lora |")]
     assert [row.split("|")[3].strip() for row in rows] == ["Adam", "SAM", "DAS"]
+
+
+def test_default_outputs_never_touch_committed_results(tmp_path, monkeypatch):
+    """Without --out a benchmark writes to a git-ignored folder: rerunning one never overwrites a committed table."""
+    import subprocess
+
+    output = load("_output")
+    monkeypatch.setattr(output, "LOCAL", tmp_path / "local")
+    assert output.default_out("cpu-layers.md") == tmp_path / "local" / "cpu-layers.md"
+    assert (tmp_path / "local").is_dir()
+    root = BENCH.parent
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("benchmarks/results/local/cpu-layers.md", "examples/results/local/norm_dynamics.json"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=root)
+        assert ignored.returncode == 0, f"{path} is not git-ignored"
+    for script in ("layers", "step_time", "adapter_step", "optimizer_step"):
+        source = (BENCH / f"{script}.py").read_text()
+        assert "default_out(" in source and '/ "results" /' not in source, script

@@ -204,3 +204,49 @@ def test_two_launches_per_step(monkeypatch):
         opt.step()
         opt.zero_grad()
     assert launches == ["_reduce_kernel", "_update_kernel"] * 3
+
+
+@pytest.mark.parametrize("max_scale", [2.0, 8.0])
+def test_rescale_factor_is_bounded_by_max_scale(max_scale):
+    g = torch.Generator().manual_seed(1)
+    sizes, segment = [6, 9, 4, 5, 7], torch.tensor([0, 0, 0, 1, 1])
+    counts = torch.bincount(segment).float()
+    cores = [torch.randn(n, generator=g).to(DEVICE) for n in sizes]
+    grads = [torch.randn(n, generator=g).to(DEVICE) for n in sizes]
+    cores[1].mul_(1e-4)  # tiny next to its gradient: unbounded λ ≈ 1e7
+    grads[1].mul_(10.0)
+    cores[3].mul_(1e-4)
+    grads[4].mul_(10.0)  # ... and a core whose unbounded factor is < 0
+    before = [c.clone() for c in cores]
+    raw = reference_lambdas(cores, grads, segment, 0.5, "global", "squared")
+    assert raw.max() > max_scale and raw.min() < -1.0
+    factors = (1.0 + raw).clamp(1.0 / max_scale, max_scale)
+    plan = FusedDASPlan(cores, segment, counts)
+    lambdas = plan.update(cores, grads, plan.reduce(cores, grads), 0.5, "global", "squared", UPDATE_NONE,
+                          max_scale=max_scale)
+    torch.testing.assert_close(1.0 + lambdas.double().cpu(), factors, rtol=1e-5, atol=1e-7)
+    for core, old, factor in zip(cores, before, factors.tolist()):
+        torch.testing.assert_close(core, old * factor, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("base,kwargs", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+                                         (torch.optim.AdamW, dict(lr=0.01))])
+def test_das_triton_applies_the_same_bound_as_the_torch_path(base, kwargs):
+    x = torch.randn(4, 4, 5, 5, device=DEVICE)
+    y = torch.randint(0, 3, (4,), device=DEVICE)
+    models = {backend: small_model() for backend in ("torch", "triton")}
+    for model in models.values():
+        with torch.no_grad():
+            model[0].core_parameters()[1].mul_(1e-4)  # a core whose unbounded λ is ~1e7
+    opts = {backend: DAS(model.parameters(), base, alpha=0.5, backend=backend, max_scale=2.0, **kwargs)
+            for backend, model in models.items()}
+    largest = {backend: 0.0 for backend in models}
+    for _ in range(3):
+        for backend, model in models.items():
+            opts[backend].zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opts[backend].step()
+            largest[backend] = max(largest[backend], float(opts[backend].last_lambdas[1].max()))
+    for pa, pb in zip(models["torch"].parameters(), models["triton"].parameters()):
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
+    assert largest == pytest.approx({"torch": 1.0, "triton": 1.0})  # 1 + λ reached max_scale = 2, no further

@@ -174,7 +174,8 @@ def test_param_groups_with_and_without_cores_and_no_cores_at_all():
 
     plain = nn.Linear(4, 2)
     twin = copy.deepcopy(plain)
-    opt_das = DAS(plain.parameters(), torch.optim.SGD, alpha=1.0, lr=0.1)
+    with pytest.warns(UserWarning, match="no core groups"):
+        opt_das = DAS(plain.parameters(), torch.optim.SGD, alpha=1.0, lr=0.1)
     opt_sgd = torch.optim.SGD(twin.parameters(), lr=0.1)
     for m, o in ((plain, opt_das), (twin, opt_sgd)):
         m(torch.ones(3, 4)).sum().backward()

@@ -3,13 +3,25 @@ import pathlib
 import re
 import subprocess
 
+import tnlayers
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def test_usage_example_runs():
+def test_usage_example_runs(capsys):
     (code,) = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    exec(compile(code, "README.md", "exec"), {})
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    # the totals the README claims for the tensorized ResNet-32 are the real ones: summary's footer prints
+    # them, and they match parameter counts summed here, independently of summary
+    claimed, claimed_dense = (int(n.replace(",", "")) for n in re.search(
+        r"tnlayers\.summary\(model\).*totals ([\d,]+) vs ([\d,]+) dense", code).groups())
+    params = sum(p.numel() for p in scope["model"].parameters())
+    dense = sum(p.numel() for p in tnlayers.models.resnet32().parameters())
+    assert (claimed, claimed_dense) == (params, dense)
+    footer = capsys.readouterr().out.strip().splitlines()[-1]
+    assert footer.startswith(f"total: {params:,} parameters (dense: {dense:,}, {dense / params:.2f}x smaller)"), footer
 
 
 def test_ci_runs_the_readme_test_command():

@@ -17,6 +17,8 @@ from tnlayers import (CPConv2d, CPLinear, DAS, TRConv2d, TRLinear, TTConv2d, TTL
 from _references import conv_weight, linear_weight
 from _strategy_helpers import fake_timings
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*of the dense nn.* it replaces")  # small shapes, high ranks
+
 
 @pytest.fixture(autouse=True)
 def fresh_decisions():

@@ -1,12 +1,33 @@
 """Tensorization of feature sizes and resolution of the ``rank`` argument."""
 from __future__ import annotations
 
-import warnings
+import operator
 from math import prod
 from numbers import Integral, Real
 from typing import Callable, Optional, Sequence, Tuple
 
-__all__ = ["tensorize_dim", "check_shape", "resolve_rank"]
+from ._caller import warn_user
+
+__all__ = ["tensorize_dim", "check_shape", "resolve_rank", "as_int", "positive_int"]
+
+
+def as_int(value) -> Optional[int]:
+    """``value`` as a plain int if it is an integer other than a bool (``np.int64(4)``, a 0-d integer tensor:
+    anything ``operator.index`` takes, as ``nn.Conv2d``/``nn.Linear`` accept), else None."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:  # e.g. a tensor with more than one element
+        return None
+
+
+def positive_int(value, name: str) -> int:
+    """A size argument (channels, features) as a plain int >= 1; anything else is a ValueError naming it."""
+    n = as_int(value)
+    if n is None or n < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return n
 
 
 def _prime_factors(n: int):
@@ -57,8 +78,8 @@ def resolve_rank(rank, num_params: Callable[[int], int], dense_params: int, wher
                              f"must be in (0, 1], got {rank!r}")
         budget = rank * dense_params
         if num_params(1) > budget:
-            warnings.warn(f"rank={rank}{where}: even rank 1 needs {num_params(1)} parameters, more than "
-                          f"{budget:.0f}; using rank 1", stacklevel=3)
+            warn_user(f"rank={rank}{where}: even rank 1 needs {num_params(1)} parameters, more than "
+                      f"{budget:.0f}; using rank 1")
             return 1
         lo, hi = 1, 2
         while num_params(hi) <= budget:

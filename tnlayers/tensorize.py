@@ -1,41 +1,31 @@
 """Whole-model transformations: ``tensorize`` (nn.Conv2d/nn.Linear -> tensorized layers), ``summary``
 (what was tensorized, and what it saves) and ``to_dense`` (back to plain layers, for export).
 
-Matching rules, written down once (they apply to ``filter``, and to ``rank``/``format``/``shapes``
-given as a mapping):
-- keys are module names as ``model.named_modules()`` spells them (``"layer1.0.conv1"``) or glob patterns
-  (``fnmatch``, case-sensitive; ``*`` also crosses dots: ``"layer1.*"``); ``"*"`` in a mapping is the
-  default for layers no other key matches;
-- in a mapping, an exact name wins over globs, and globs are tried in the mapping's order;
-- a key naming no Conv/Linear module of the model, or a glob matching none, is an error (close matches
-  are listed): nothing is silently ignored;
-- a ``rank`` or ``format`` mapping without ``"*"`` selects: only the layers it matches are tensorized
-  (the classifier too, if named). Without such a mapping and without ``filter``, the default selection is
-  every Conv2d and Linear except the model's last Linear (the classifier, kept dense as in the paper).
-- A value of ``None`` (in a mapping, or returned by a callable) leaves that layer dense.
+The per-layer arguments (``filter``, and ``rank``/``format``/``shapes`` given as a mapping) follow the
+matching rules of ``tnlayers/selection.py``; by default the classifier stays dense (``tnlayers/classifier.py``).
 """
 from __future__ import annotations
 
 import copy
-import difflib
 import sys
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
-from math import prod
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from ._caller import warn_user
+from .classifier import default_classifier
 from .formats import get_format
 from .layers import (CPConv2d, CPLinear, TensorizedConv2d, TensorizedLinear, TRConv2d, TRLinear, TTConv2d,
                      TTLinear, TuckerConv2d, TuckerLinear)
 from .layers.base import check_decomposition_options, check_tensor_values
 from .layers.layer import STRATEGIES, TensorizedLayer
-from .metrics import norm_deviation
+from .selection import _SHAPE_KEYS, _filter_fn, _PerLayer
+from .sharing import UNTIE_HINT, module_aliases, tied_parameters
+from .summary import Summary, summary
 
 __all__ = ["tensorize", "summary", "to_dense", "TYPE_MAP", "Summary"]
 
@@ -47,7 +37,6 @@ NAMED_LAYERS = {
     TensorizedLinear: {"tt": TTLinear, "tr": TRLinear, "cp": CPLinear, "tucker": TuckerLinear},
 }
 INITS = ("random", "decompose")
-_SHAPE_KEYS = ("in_shape", "out_shape")
 
 
 def _conv_args(m) -> dict:
@@ -63,74 +52,6 @@ def _linear_args(m) -> dict:
 _ARGS = {nn.Conv2d: _conv_args, nn.Linear: _linear_args, TensorizedConv2d: _conv_args,
          TensorizedLinear: _linear_args}
 _DENSE_OF = {TensorizedConv2d: nn.Conv2d, TensorizedLinear: nn.Linear}
-
-
-def _is_glob(key: str) -> bool:
-    return any(c in key for c in "*?[")
-
-
-def _close_matches_hint(key: str, known: List[str]) -> str:
-    """What to tell a user whose module name matched nothing: the close matches, else the first names."""
-    close = difflib.get_close_matches(key, known, n=5, cutoff=0.5)
-    return f"close matches: {close}" if close else f"its Conv/Linear modules start {known[:8]}"
-
-
-def _check_keys(keys, known: List[str], arg: str) -> None:
-    """Every name must be a Conv/Linear module of the model and every glob must match one."""
-    for key in keys:
-        if not isinstance(key, str):
-            raise TypeError(f"{arg}: module names and patterns must be str, got {key!r}")
-        if key == "*":
-            continue
-        if _is_glob(key):
-            if not any(fnmatchcase(name, key) for name in known):
-                raise ValueError(f"{arg}: pattern {key!r} matches no Conv/Linear module of the model; "
-                                 f"its Conv/Linear modules start {known[:8]}")
-        elif key not in known:
-            raise ValueError(f"{arg}: the model has no Conv/Linear module named {key!r}; "
-                             f"{_close_matches_hint(key, known)}")
-
-
-def _lookup(table: Mapping, name: str):
-    """(matched, value) by the rules above: exact name, then globs in order, then "*"."""
-    if name in table:
-        return True, table[name]
-    for key, value in table.items():
-        if key != "*" and _is_glob(key) and fnmatchcase(name, key):
-            return True, value
-    return ("*" in table), table.get("*")
-
-
-class _PerLayer:
-    """One ``tensorize`` argument that may be given per layer: a plain value, a ``{name/glob: value}``
-    mapping, or a callable ``(name, module) -> value``."""
-
-    def __init__(self, arg: str, value, known: List[str]):
-        self.arg, self.value = arg, value
-        self.is_mapping, self.is_callable = isinstance(value, Mapping), callable(value)
-        if self.is_mapping:
-            _check_keys(value, known, arg)
-        # a mapping without a default decides which layers are tensorized at all
-        self.selects = self.is_mapping and "*" not in value
-
-    def matches(self, name: str) -> bool:
-        return _lookup(self.value, name)[0] if self.is_mapping else True
-
-    def get(self, name: str, module: nn.Module):
-        if self.is_mapping:
-            return _lookup(self.value, name)[1]
-        return self.value(name, module) if self.is_callable else self.value
-
-
-def _filter_fn(filter, known: List[str]) -> Optional[Callable[[str, nn.Module], bool]]:
-    if filter is None or callable(filter):
-        return filter
-    patterns = [filter] if isinstance(filter, str) else filter
-    if not isinstance(patterns, (list, tuple, set, frozenset)):
-        raise TypeError(f"filter must be None, a callable (name, module) -> bool, or a list of module names / "
-                        f"glob patterns, got {type(filter).__name__}")
-    _check_keys(patterns, known, "filter")
-    return lambda name, module: any(name == p or fnmatchcase(name, p) for p in patterns)
 
 
 def _why_unsupported(module: nn.Module) -> Optional[str]:
@@ -152,10 +73,51 @@ class _LayerPlan:
     shape: dict = field(default_factory=dict)
 
 
-def _plan(model: nn.Module, format, rank, filter, shapes) -> Tuple[Dict[str, _LayerPlan], List[str]]:
-    """Which modules become which layers: ({name: plan}, ["name: why left dense", ...])."""
-    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, (_ConvNd, nn.Linear, TensorizedLayer))]
-    known = [n for n, _ in modules]
+def _choice(name: str, module: nn.Module, select, selecting, format_opt, rank_opt, shapes_opt):
+    """What the arguments ask for the module under this name: None (leave it), or (format, rank, shape)."""
+    if select is not None and not select(name, module):
+        return None
+    if not all(opt.matches(name) for opt in selecting):
+        return None
+    if isinstance(module, TensorizedLayer):  # only its format matters: it is checked, not rebuilt
+        fmt = format_opt.get(name, module)
+        return None if fmt is None else (get_format(fmt).NAME, None, {})
+    if _why_unsupported(module) is not None:  # reported (left dense) by the caller
+        return ("", None, {})
+    fmt, layer_rank = format_opt.get(name, module), rank_opt.get(name, module)
+    if fmt is None or layer_rank is None:  # explicitly left dense
+        return None
+    shape = shapes_opt.get(name, module) or {}
+    if not isinstance(shape, Mapping) or set(shape) - set(_SHAPE_KEYS):
+        raise ValueError(f"shapes for {name!r} must be a dict with keys among {_SHAPE_KEYS}, got {shape!r}")
+    return get_format(fmt).NAME, layer_rank, dict(shape)  # unknown format names fail here, listing the valid ones
+
+
+def _one_choice(names: List[str], choices: list):
+    """A module registered under several names is one layer: every name must ask for the same thing."""
+    if any(repr(c) != repr(choices[0]) for c in choices[1:]):
+        asked = {n: ("left as it is" if c is None else f"format {c[0]!r}, rank {c[1]!r}") for n, c in zip(names, choices)}
+        raise ValueError(f"one module is registered as {names}, and the arguments treat its names differently "
+                         f"({asked}); it is one layer, tensorized once for all its places: give all its names the "
+                         f"same setting, or give each place its own module (copy.deepcopy) first")
+    return choices[0]
+
+
+def _check_formats(already: List[Tuple[str, str, str]]) -> None:
+    """Selected layers that are tensorized already: a different format is refused (no silent no-op)."""
+    other = [(n, have, want) for n, have, want in already if have != want]
+    if other:
+        listed = "; ".join(f"{n or '<model>'!r} is format {have!r}, asked {want!r}" for n, have, want in other[:5])
+        raise ValueError(f"tensorize: {len(other)} selected layer(s) are already tensorized in another format ({listed}); "
+                         f"tensorize does not convert between formats: call tnlayers.to_dense(model) first, then "
+                         f"tensorize(model, ..., init='decompose') to start from the current weights")
+
+
+def _plan(model: nn.Module, format, rank, filter, shapes, example_inputs=None):
+    """Which modules become which layers: ({name: plan}, ["name: why left dense", ...], [names already
+    tensorized in the asked format]). A module registered under several names gets one plan under each."""
+    modules = module_aliases(model, (_ConvNd, nn.Linear, TensorizedLayer))
+    known = [n for _, names in modules for n in names]
     rank_opt, format_opt = _PerLayer("rank", rank, known), _PerLayer("format", format, known)
     shapes_opt = _PerLayer("shapes", {} if shapes is None else shapes, known)
     if shapes is not None and not (shapes_opt.is_mapping or shapes_opt.is_callable):
@@ -164,36 +126,38 @@ def _plan(model: nn.Module, format, rank, filter, shapes) -> Tuple[Dict[str, _La
     select = _filter_fn(filter, known)
     selecting = [opt for opt in (rank_opt, format_opt) if opt.selects]
     if select is None and not selecting:
-        linears = [n for n, m in modules if isinstance(m, nn.Linear)]
-        classifier = linears[-1] if linears else None
-        select = lambda name, module: name != classifier  # noqa: E731
+        linears = [(names[0], m) for m, names in modules if isinstance(m, nn.Linear)]
+        classifier = default_classifier(model, linears, example_inputs)
+        select = lambda name, module: module is not classifier  # noqa: E731
+    elif example_inputs is not None:
+        raise ValueError("example_inputs= only finds the classifier that the default selection keeps dense; with "
+                         "filter= or a rank/format mapping without '*' the selection is yours: drop example_inputs")
     from .adapters.layer import Adapter  # (here: the adapters package imports this module)
 
-    adapters = [n + "." for n, m in model.named_modules() if isinstance(m, Adapter)]
-    plans, left_dense = {}, []
-    for name, module in modules:
-        if isinstance(module, TensorizedLayer):  # already done (as torchao's default filter skips)
-            continue
-        if any(name.startswith(prefix) for prefix in adapters):
+    adapters = tuple(n + "." for n, m in model.named_modules() if isinstance(m, Adapter))
+    tied = tied_parameters(model, [(m, names) for m, names in modules if not isinstance(m, TensorizedLayer)])
+    plans, left_dense, already = {}, [], []
+    for module, names in modules:
+        name = names[0]
+        if name.startswith(adapters):
             left_dense.append(f"{name}: the frozen base of an adapter (tnlayers.adapt): merge or unadapt first")
             continue
-        if select is not None and not select(name, module):
+        choice = _one_choice(names, [_choice(n, module, select, selecting, format_opt, rank_opt, shapes_opt)
+                                     for n in names])
+        if choice is None:
             continue
-        if not all(opt.matches(name) for opt in selecting):
+        if isinstance(module, TensorizedLayer):
+            already.append((name, module.format, choice[0]))
             continue
         why = _why_unsupported(module)
+        if why is None and id(module) in tied:
+            why = f"tied weights: {tied[id(module)]}; tensorizing it would untie them"
         if why is not None:
             left_dense.append(f"{name or '<model>'}: {why}")
             continue
-        fmt, layer_rank = format_opt.get(name, module), rank_opt.get(name, module)
-        if fmt is None or layer_rank is None:  # explicitly left dense
-            continue
-        fmt = get_format(fmt).NAME  # unknown format names fail here, listing the valid ones
-        shape = shapes_opt.get(name, module) or {}
-        if not isinstance(shape, Mapping) or set(shape) - set(_SHAPE_KEYS):
-            raise ValueError(f"shapes for {name!r} must be a dict with keys among {_SHAPE_KEYS}, got {shape!r}")
-        plans[name] = _LayerPlan(module, fmt, layer_rank, dict(shape))
-    return plans, left_dense
+        plans.update(dict.fromkeys(names, _LayerPlan(module, *choice)))
+    _check_formats(already)
+    return plans, left_dense, [n for n, _, _ in already]
 
 
 def _dense_type(module: nn.Module):
@@ -230,6 +194,23 @@ def _swap(parent: nn.Module, replace: Callable[[str, nn.Module], Optional[nn.Mod
             setattr(parent, child_name, done[id(child)])
 
 
+def _check_eager(model, what: str) -> None:
+    if isinstance(model, torch.jit.ScriptModule):  # its submodules are compiled: setattr cannot swap them
+        raise TypeError(f"{what} needs an eager nn.Module, got a {type(model).__name__} (TorchScript); a "
+                        f"ScriptModule's submodules can't be swapped: {what} the eager model before scripting")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} expects an nn.Module, got {type(model).__name__}")
+
+
+def _nothing_to_do(already: List[str]) -> str:
+    if already:
+        return (f"tensorize: the selected layers are already tensorized in the asked format ({already[:5]}); "
+                f"nothing changed (their ranks neither). To change ranks, call tnlayers.to_dense(model) first, "
+                f"then tensorize(..., init='decompose')")
+    return ("tensorize found nothing to tensorize (no selected nn.Conv2d/nn.Linear with groups=1); the model is "
+            "returned unchanged")
+
+
 def _show_progress(progress: Optional[bool]) -> bool:
     if progress is None:
         return sys.stderr.isatty()
@@ -240,7 +221,7 @@ def _show_progress(progress: Optional[bool]) -> bool:
 
 def tensorize(model: nn.Module, format="tt", rank=None, filter=None, init: str = "random", shapes=None,
               strategy: str = "auto", inplace: bool = True, *, progress: Optional[bool] = None,
-              decomposition_options: Optional[dict] = None) -> nn.Module:
+              decomposition_options: Optional[dict] = None, example_inputs=None) -> nn.Module:
     """Replace the model's ``nn.Conv2d``/``nn.Linear`` modules (subclasses too) by tensorized layers.
 
     Args:
@@ -249,7 +230,9 @@ def tensorize(model: nn.Module, format="tt", rank=None, filter=None, init: str =
             parameters), or per layer: ``{name_or_glob: rank}`` (e.g. ``tnlayers.models.TABLE9``) or a
             callable ``(name, module) -> rank``. Required.
         filter: which modules to tensorize: a callable ``(name, module) -> bool`` or names / globs.
-            Default: every Conv2d and Linear except the last Linear.
+            Default: every Conv2d and Linear except the classifier (``tnlayers/classifier.py``: the last
+            Linear applied, found with ``example_inputs``, else the last registered, with a warning when
+            that is not named like a classifier).
         init: "random" (variance-preserving) or "decompose": each layer from the module's current weight
             (TT-SVD, TR-SVD, CP-ALS, HOOI); the relative error is kept as ``layer.decomposition_error``.
             This is also how a dense checkpoint goes into a tensorized model: load it into the dense
@@ -260,12 +243,16 @@ def tensorize(model: nn.Module, format="tt", rank=None, filter=None, init: str =
         inplace: False deep-copies the model first.
         progress: progress bar over layers for init="decompose"; default: when stderr is a terminal.
         decomposition_options: passed to each decomposition (e.g. ``{"n_iter_max": 200}`` for CP-ALS).
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs for one dry
+            forward (eval mode, no grad) that finds the classifier the default selection keeps dense.
 
     Grouped convs, Conv1d/Conv3d and transposed convs that the selection reaches are left dense, with a
-    warning. With nothing to tensorize, warns and returns ``model`` unchanged.
+    warning; so are modules sharing a parameter with another module (tied weights: one replacement can't
+    serve both). A module registered in several places is tensorized once, the same new layer in each
+    place. Selected layers already tensorized in the asked format are left as they are; in another format,
+    a ValueError (``to_dense`` first). With nothing to tensorize, warns and returns ``model`` unchanged.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"tensorize expects an nn.Module, got {type(model).__name__}")
+    _check_eager(model, "tensorize")
     if rank is None:
         raise TypeError("tensorize needs rank=: an int, a per-bond sequence, a float in (0, 1], a mapping "
                         "{module name or glob: rank} or a callable (name, module) -> rank")
@@ -282,27 +269,31 @@ def tensorize(model: nn.Module, format="tt", rank=None, filter=None, init: str =
         raise TypeError(f"decomposition_options must be a dict or None, got {type(decomposition_options).__name__}")
     check_decomposition_options(decomposition_options or {}, "decomposition_options")
     show = _show_progress(progress)
-    plans, left_dense = _plan(model, format, rank, filter, shapes)
+    plans, left_dense, already = _plan(model, format, rank, filter, shapes, example_inputs)
     if left_dense:
-        warnings.warn(f"tensorize left {len(left_dense)} module(s) dense: " + "; ".join(left_dense), UserWarning,
-                      stacklevel=2)
+        hint = f"; {UNTIE_HINT}" if any(": tied weights:" in why for why in left_dense) else ""
+        warn_user(f"tensorize left {len(left_dense)} module(s) dense: " + "; ".join(left_dense) + hint)
     if not plans:
-        warnings.warn("tensorize found nothing to tensorize (no selected nn.Conv2d/nn.Linear with groups=1); "
-                      "the model is returned unchanged", UserWarning, stacklevel=2)
+        warn_user(_nothing_to_do(already))
         return model
     if init == "decompose":  # before anything is built: a meta or NaN weight has nothing to decompose
         for name, plan in plans.items():
             check_tensor_values(f"init='decompose': the weight of {name or '<model>'!r}", plan.module.weight)
     # every layer is built (and decomposed) before the first swap: a bad rank or a failing decomposition
     # leaves the user's model as it was
-    layers = {name: _build(name, plan, strategy) for name, plan in plans.items()}
+    unique = {}  # a module registered under several names is built once
+    for name, plan in plans.items():
+        unique.setdefault(id(plan), (name, plan))
+    built = {key: _build(name, plan, strategy) for key, (name, plan) in unique.items()}
+    layers = {name: built[id(plan)] for name, plan in plans.items()}
     if init == "decompose":
         from tqdm.auto import tqdm  # only when decomposing: keeps `import tnlayers` light
 
         options = dict(decomposition_options or {})
-        with tqdm(layers.items(), desc="tensorize", unit="layer", disable=not show) as bar:
-            for name, layer in bar:
-                layer.init_from_weight(plans[name].module.weight, plans[name].module.bias, **options)
+        with tqdm(unique.items(), desc="tensorize", unit="layer", disable=not show) as bar:
+            for key, (name, plan) in bar:
+                layer = built[key]
+                layer.init_from_weight(plan.module.weight, plan.module.bias, **options)
                 bar.set_postfix_str(f"{name} err={layer.decomposition_error:.3g}")
     if "" in layers:  # the model itself is a Conv2d/Linear: it is replaced, not walked into
         return layers[""]
@@ -312,82 +303,26 @@ def tensorize(model: nn.Module, format="tt", rank=None, filter=None, init: str =
     return model
 
 
-@dataclass
-class Summary:
-    """Returned by :func:`summary`: one row (a dict) per tensorized layer, and the model's totals."""
-
-    rows: List[dict]
-    params: int  # the model's parameter count as it is
-    dense_params: int  # the count if every tensorized layer were its dense counterpart
-
-    @property
-    def compression(self) -> float:
-        return self.dense_params / max(self.params, 1)
-
-    def __iter__(self):
-        return iter(self.rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __str__(self) -> str:
-        header = ("layer", "format", "shape", "ranks", "params", "dense", "ratio", "error", "Q")
-        lines = [header]
-        for r in self.rows:
-            ranks = list(r["ranks"].values())
-            ranks = str(ranks[0]) if len(set(ranks)) == 1 else str(ranks)
-            error = "-" if r["error"] is None else f"{r['error']:.3g}"
-            lines.append((r["name"], r["format"], "x".join(map(str, r["shape"])), ranks, f"{r['params']:,}",
-                          f"{r['dense_params']:,}", f"{r['compression']:.1f}x", error, f"{r['Q']:.3g}"))
-        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-        text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
-        text.append(f"total: {self.params:,} parameters (dense: {self.dense_params:,}, "
-                    f"{self.compression:.2f}x smaller)")
-        return "\n".join(text)
-
-
-@torch.no_grad()
-def summary(model: nn.Module, print_table: bool = True) -> Summary:
-    """Every tensorized layer (name, format, tensorized shape, ranks, parameters, compression, decomposition
-    error if decomposed, norm deviation Q) and the totals, dense vs tensorized. Prints the table unless
-    ``print_table=False``; returns it as a :class:`Summary` (``rows``, ``params``, ``dense_params``)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"summary expects an nn.Module, got {type(model).__name__}")
-    if not isinstance(print_table, bool):
-        raise TypeError(f"print_table must be True or False, got {print_table!r}")
-    rows = []
-    for name, layer in model.named_modules():
-        if not isinstance(layer, TensorizedLayer):
-            continue
-        bias = 0 if layer.bias is None else layer.bias.numel()
-        params = layer.network.num_params + bias
-        dense = prod(layer._weight_shape()) + bias
-        rows.append(dict(name=name or "<model>", format=layer.format, shape=tuple(layer.network.modes),
-                         ranks=layer.ranks, params=params, dense_params=dense, compression=dense / params,
-                         error=getattr(layer, "decomposition_error", None),
-                         Q=float("nan") if layer.cores[0].is_meta else float(norm_deviation(layer.cores))))
-    total = sum(p.numel() for p in model.parameters())
-    dense_total = total + sum(r["dense_params"] - r["params"] for r in rows)
-    result = Summary(rows, total, dense_total)
-    if print_table:
-        print(result)
-    return result
-
-
 @torch.no_grad()
 def to_dense(model: nn.Module, inplace: bool = True) -> nn.Module:
     """Replace every tensorized layer by a plain ``nn.Conv2d``/``nn.Linear`` holding its reconstructed
-    weight (same stride/padding/dilation/padding_mode/bias/device/dtype): for export and deployment."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"to_dense expects an nn.Module, got {type(model).__name__}")
+    weight (same stride/padding/dilation/padding_mode/bias/device/dtype): for export and deployment.
+    A layer registered in several places becomes one dense module in all of them; layers sharing cores
+    or a bias with another module stay tensorized, with a warning (two dense copies would untie them)."""
+    _check_eager(model, "to_dense")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False, got {inplace!r}")
     if not inplace:
         model = copy.deepcopy(model)
+    layers = module_aliases(model, tuple(_DENSE_OF))
+    tied = tied_parameters(model, layers)
+    if tied:
+        kept = [f"{names[0]}: tied weights: {tied[id(m)]}" for m, names in layers if id(m) in tied]
+        warn_user(f"to_dense left {len(kept)} layer(s) tensorized: " + "; ".join(kept) + f"; {UNTIE_HINT}")
 
     def replace(name: str, layer: nn.Module) -> Optional[nn.Module]:
         kind = next((t for t in _DENSE_OF if isinstance(layer, t)), None)
-        if kind is None:
+        if kind is None or id(layer) in tied:
             return None
         if layer.cores[0].is_meta:
             raise NotImplementedError(f"to_dense: {name or '<model>'!r} has its cores on the meta device, so there is "

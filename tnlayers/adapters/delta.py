@@ -51,7 +51,7 @@ def delta_layout(fmt: ModuleType, out_dim: int, in_dim: int, kernel: Tuple[int, 
     spatial = ((prod(kernel),) if fmt.MERGE_SPATIAL else tuple(kernel)) if kernel else ()
     modes = out_shape + spatial + in_shape
     roles = ("out",) * len(out_shape) + ("spatial",) * len(spatial) + ("in",) * len(in_shape)
-    net = build_network(fmt, modes, rank, roles)
+    net = build_network(fmt, modes, rank, roles, out_dim * in_dim * prod(kernel), "base weight")
     out_labels = {mode_label(i) for i, role in enumerate(roles) if role == "out"}
     zero_core = next(k for k, labels in enumerate(net.cores) if out_labels & set(labels))
     return DeltaLayout(net, roles, out_shape, in_shape, zero_core)

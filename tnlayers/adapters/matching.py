@@ -7,8 +7,10 @@ Rules, written down once:
   ``"." + entry`` (``"query"`` matches ``"encoder.layer.0.attention.self.query"``, not ``"my_query"``); an
   entry with glob characters (``*?[``) is matched as ``tensorize`` matches globs (``fnmatch`` on the whole
   name); every entry must match at least one module (a typo is an error listing close matches);
-- names are those of ``model.named_modules()``; the model itself and the layers already inside an
-  adapter are never targets;
+- names are those of ``model.named_modules()``, every name of a module registered in several places
+  included; the model itself and the layers already inside an adapter are never targets;
+- a module registered in several places is one layer: it is wrapped once and the same adapter goes into
+  every place, so ``target_modules`` must match all of its names or none (else a ValueError naming them);
 - a matched module must be an ``nn.Linear``, an ``nn.Conv2d`` or a transformers ``Conv1D`` (anything
   else is a TypeError naming it); one that is already an adapter is a ValueError (a layer is wrapped once).
 """
@@ -20,7 +22,7 @@ from typing import List, Optional, Tuple
 
 from torch import nn
 
-from ..tensorize import _close_matches_hint, _is_glob
+from ..selection import _close_matches_hint, _is_glob
 from .conv import Conv2dAdapter
 from .layer import Adapter
 from .linear import LinearAdapter, is_hf_conv1d
@@ -40,7 +42,7 @@ def adapter_class(module: nn.Module) -> Optional[type]:
 def _candidates(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """Every named submodule, except the model itself and what lies inside an adapter."""
     out, adapters = [], []
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):
         if not name or any(name.startswith(prefix + ".") for prefix in adapters):
             continue
         if isinstance(module, Adapter):
@@ -107,11 +109,23 @@ def select_targets(model: nn.Module, target_modules) -> List[Tuple[str, nn.Modul
     known = [name for name, module in candidates if adapter_class(module) is not None]
     matches = _matcher(target_modules, names, known)
     parents = {"": model, **dict(candidates)}
-    selected = []
+    selected = {}
     for name, module in candidates:
         if matches(name):
             error = _why_not(name, module, parents)
             if error is not None:
                 raise error
-            selected.append((name, module))
-    return selected
+            selected.setdefault(id(module), (name, module))
+    _check_every_place(candidates, matches, selected)
+    return list(selected.values())
+
+
+def _check_every_place(candidates: List[Tuple[str, nn.Module]], matches, selected: dict) -> None:
+    """A shared module gets one adapter in all its places: a selection of only some places is refused."""
+    for name, module in selected.values():
+        names = [n for n, m in candidates if m is module]
+        missed = [n for n in names if not matches(n)]
+        if missed:
+            raise ValueError(f"target_modules matches {name!r} but not {missed}, which is the same module object "
+                             f"(registered as {names}); adapt wraps it once, with one adapter in every place: target "
+                             f"all its names, or give each place its own module (copy.deepcopy) first")

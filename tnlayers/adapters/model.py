@@ -9,7 +9,10 @@ from typing import List, Tuple
 
 from torch import nn
 
-from ..tensorize import _SHAPE_KEYS, _PerLayer, _swap
+from .._caller import warn_user
+from ..selection import _SHAPE_KEYS, _PerLayer
+from ..sharing import UNTIE_HINT, module_aliases, tied_parameters
+from ..tensorize import _check_eager, _swap
 from .layer import Adapter, check_adapter_options
 from .matching import adapter_class, select_targets
 
@@ -52,16 +55,23 @@ def adapt(model: nn.Module, format: str = "tucker", rank: int = 8, target_module
         inplace: False deep-copies the model first.
 
     The cores of each adapter are one scale-invariant group (``tnlayers.core_groups``), so DAS, SAM and BAR
-    act on them. Everything is checked and built before the model changes.
+    act on them. Everything is checked and built before the model changes. A layer registered in several
+    places gets one adapter, in every place. A layer whose weight is tied to another module's (an output
+    head tied to the embedding) is adapted with a warning: ΔW applies where that layer is called, and
+    :func:`merge` refuses it, since folding ΔW in would change the other module too.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"adapt expects an nn.Module, got {type(model).__name__}")
+    _check_eager(model, "adapt")
     fmt, rank, alpha, dropout = check_adapter_options(format, rank, alpha, dropout, init, strategy)
     _check_bool("freeze_model", freeze_model)
     _check_bool("inplace", inplace)
     if not inplace:
         model = copy.deepcopy(model)
     targets = select_targets(model, target_modules)
+    tied = _tied(model, {id(layer) for _, layer in targets})
+    if tied:
+        warn_user(f"adapt: {len(tied)} target(s) have tied weights ({'; '.join(tied)}): each adapter's update "
+                  f"applies only where its layer is called, and merge() will refuse them (it would change the "
+                  f"other module as well); {UNTIE_HINT}")
     shapes_opt = _PerLayer("shapes", {} if shapes is None else shapes, [name for name, _ in targets])
     if shapes is not None and not (shapes_opt.is_mapping or shapes_opt.is_callable):
         raise TypeError(f"shapes must be None, a mapping {{name/glob/'*': {{'out_shape': ..., 'in_shape': ...}}}} or a "
@@ -85,6 +95,13 @@ def adapt(model: nn.Module, format: str = "tucker", rank: int = 8, target_module
         adapter.base.requires_grad_(False)
         adapter.cores.requires_grad_(True)
     return model
+
+
+def _tied(model: nn.Module, ids: set) -> List[str]:
+    """'name: its weight is also ...' for each module of ``ids`` sharing a parameter with another module."""
+    candidates = [(m, names) for m, names in module_aliases(model) if id(m) in ids]
+    tied = tied_parameters(model, candidates)
+    return [f"{names[0]!r}: {tied[id(m)]}" for m, names in candidates if id(m) in tied]
 
 
 def _build(name: str, layer: nn.Module, shapes_opt: _PerLayer, fmt: str, rank: int, alpha: float, dropout: float,
@@ -111,11 +128,16 @@ def _adapters_of(model: nn.Module, what: str) -> List[Adapter]:
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter's scale·ΔW into its base weight (keeping the old weight for :func:`unmerge`);
     the adapters then add nothing. All or nothing: a non-finite ΔW leaves every weight as it was."""
-    _merge_all(_adapters_of(model, "merge"))
+    _merge_all(model, _adapters_of(model, "merge"))
     return model
 
 
-def _merge_all(adapters: List[Adapter]) -> None:
+def _merge_all(model: nn.Module, adapters: List[Adapter]) -> None:
+    tied = _tied(model, {id(a.base) for a in adapters if not a.merged})
+    if tied:  # checked before any weight changes: all or nothing
+        raise ValueError(f"merge: {len(tied)} adapted layer(s) have tied weights ({'; '.join(tied)}); folding ΔW "
+                         f"into a shared weight would change the other module too. Keep these adapters unmerged, "
+                         f"or {UNTIE_HINT}")
     done = []
     try:
         for adapter in adapters:
@@ -141,7 +163,7 @@ def unadapt(model: nn.Module, merge: bool = False) -> nn.Module:
     _check_bool("merge", merge)
     adapters = _adapters_of(model, "unadapt")
     if merge:
-        _merge_all(adapters)
+        _merge_all(model, adapters)
     else:
         for adapter in adapters:
             adapter.unmerge()

@@ -17,6 +17,7 @@ otherwise. On CPU tensors the kernels run under ``TRITON_INTERPRET=1`` (how CI t
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -54,8 +55,10 @@ def _reduce_kernel(p_ptrs, g_ptrs, chunk_core, chunk_start, numels, segment, s_o
 def _update_kernel(p_ptrs, g_ptrs, a_ptrs, b_ptrs, chunk_core, chunk_start, numels, segment, counts,
                    s_in, gamma_in, group_in, lambda_out, n_groups,
                    step_size, lr, momentum, dampening, weight_decay, beta1, beta2, eps, bias1, bias2_sqrt,
+                   lam_lo, lam_hi,
                    DTYPE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, GLOBAL_U: tl.constexpr,
-                   SQUARED: tl.constexpr, UPDATE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
+                   SQUARED: tl.constexpr, UPDATE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                   BOUNDED: tl.constexpr):
     c = tl.program_id(0)
     k = tl.load(chunk_core + c)
     start = tl.load(chunk_start + c)
@@ -72,6 +75,8 @@ def _update_kernel(p_ptrs, g_ptrs, a_ptrs, b_ptrs, chunk_core, chunk_start, nume
     lam = step_size * (tl.load(gamma_in + k) - group_sum / tl.load(counts + group)) / (tl.sqrt(total) * denominator)
     keep = _is_finite(group_sum) & (group_sum > 0) & (s > 0) & _is_finite(lam)
     lam = tl.where(keep, lam, 0.0)
+    if BOUNDED:  # DAS's max_scale: 1 + λ within [1/max_scale, max_scale]
+        lam = tl.minimum(tl.maximum(lam, lam_lo), lam_hi)
     tl.store(lambda_out + k, lam, mask=start == 0)
 
     offs = start + tl.arange(0, BLOCK)
@@ -164,8 +169,9 @@ class FusedDASPlan:
                denominator: str = "squared", update: int = UPDATE_NONE, state_a=None, state_b=None,
                lr: float = 0.0, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
                weight_decay: float = 0.0, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-               step: int = 1) -> torch.Tensor:
-        """Rescale every core by (1+λ_k), fused with an SGD or AdamW update; returns λ (fp32, per core)."""
+               step: int = 1, max_scale: float = math.inf) -> torch.Tensor:
+        """Rescale every core by (1+λ_k), fused with an SGD or AdamW update; returns λ (fp32, per core).
+        A finite ``max_scale`` bounds 1 + λ_k to [1/max_scale, max_scale] (DAS's option of that name)."""
         s, gamma, group = stats
         lambdas = torch.empty(self.n_cores, dtype=torch.float32, device=self.device)
         has_a = update == UPDATE_ADAMW or (update == UPDATE_SGD and momentum != 0)
@@ -176,7 +182,8 @@ class FusedDASPlan:
             self.segment, self.counts, s, gamma, group, lambdas, self.n_groups,
             float(step_size), float(lr), float(momentum), float(dampening), float(weight_decay), float(beta1),
             float(beta2), float(eps), 1.0 - beta1 ** step, (1.0 - beta2 ** step) ** 0.5,
+            1.0 / max_scale - 1.0, max_scale - 1.0 if math.isfinite(max_scale) else 0.0,
             DTYPE=_TL_DTYPES[self.dtype], BLOCK=BLOCK, BLOCK_G=self.block_g,
             GLOBAL_U=normalization == "global", SQUARED=denominator == "squared", UPDATE=update,
-            MOMENTUM=momentum != 0, NESTEROV=bool(nesterov))
+            MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), BOUNDED=math.isfinite(max_scale))
         return lambdas

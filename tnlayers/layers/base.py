@@ -1,37 +1,71 @@
 """What every tensorized module shares: a network's cores held as one scale-invariant group."""
 from __future__ import annotations
 
-import warnings
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
+from .._caller import warn_user
 from ..formats import FORMATS
 from ..formats.network import Network
 from ..groups import group_of, mark_core_group
 
-__all__ = ["CoreModule", "build_network"]
+__all__ = ["CoreModule", "build_network", "warn_if_larger_than_dense", "check_state_configs"]
 
-# no machine holds more entries than this: a rank asking for more is a typo, not a model
-MAX_PARAMS = 2 ** 48
+# A rank is refused, before anything is allocated, when its parameter count is above MAX_PARAMS (2**31 entries:
+# 8 GiB of float32 cores, more than a training step could hold with their gradients and optimizer state)
+# AND above MAX_DENSE_RATIO times the dense layer's count. Both: a huge dense layer may have a huge (still
+# smaller) factorization, and ranks beyond the useful ones legitimately cost a few hundred times a tiny dense
+# layer (TRLinear(64, 64, rank=512): 1500x, 6.3M parameters; it builds, with a warning). When the dense
+# count is unknown only ABSOLUTE_MAX_PARAMS applies (no machine holds that many entries).
+MAX_PARAMS = 2 ** 31
+MAX_DENSE_RATIO = 1000
+ABSOLUTE_MAX_PARAMS = 2 ** 48
+STATE_CONFIG_KEY = "tnlayers"  # key of a module's config in its state_dict metadata (state_dict._metadata)
 
-_warned = set()  # (format, excess message) pairs already reported: the excess warning is one-time
+_warned = set()  # configurations already warned about: each warning is one-time per configuration
 
 
-def build_network(fmt, modes, rank, roles) -> Network:
-    """The format's network for ``modes``; warns once per configuration about bonds that cannot help."""
+def build_network(fmt, modes, rank, roles, dense_params: Optional[int] = None, dense_name: str = "dense layer"
+                  ) -> Network:
+    """The format's network for ``modes``; refuses counts that could never be allocated (see MAX_PARAMS),
+    warns once per configuration about bonds that cannot help."""
     net = fmt.network(modes, fmt.layer_rank(rank, roles))
-    if net.num_params > MAX_PARAMS:
-        raise ValueError(f"rank={rank!r} gives {fmt.NAME} cores of shapes {net.shapes} ({net.num_params:.3g} "
-                         f"parameters, more than 2**48): rank is out of range")
+    _check_param_count(fmt, net, rank, dense_params, dense_name)
     excess = fmt.excess(net)
-    key = (fmt.NAME, net.modes, tuple(net.ranks.items()))
+    key = ("excess", fmt.NAME, net.modes, tuple(net.ranks.items()))
     if excess and key not in _warned:
         _warned.add(key)
-        warnings.warn(f"{fmt.NAME} network over modes {net.modes}: {', '.join(excess)}. Kept as given: the "
-                      f"excess adds parameters but no expressiveness.", UserWarning, stacklevel=4)
+        warn_user(f"{fmt.NAME} network over modes {net.modes}: {', '.join(excess)}. Kept as given: the "
+                  f"excess adds parameters but no expressiveness.")
     return net
+
+
+def _check_param_count(fmt, net: Network, rank, dense_params: Optional[int], dense_name: str) -> None:
+    count = net.num_params
+    if dense_params is None:
+        if count > ABSOLUTE_MAX_PARAMS:
+            raise ValueError(f"rank={rank!r} gives {fmt.NAME} cores of shapes {net.shapes} ({count:,} parameters, "
+                             f"more than 2**48): rank is out of range")
+        return
+    if count > MAX_PARAMS and count > MAX_DENSE_RATIO * dense_params:
+        raise ValueError(f"rank={rank!r} gives {fmt.NAME} cores of shapes {net.shapes}: {count:,} parameters "
+                         f"against {dense_params:,} for the {dense_name}; rank is out of range (refused above "
+                         f"2**31 parameters when that is also over {MAX_DENSE_RATIO}x the dense count); lower the "
+                         f"rank" + ("" if dense_name == "base weight" else  # adapters take int ranks only
+                                    ", or give a float rank in (0, 1], the fraction of the dense count to keep"))
+
+
+def warn_if_larger_than_dense(owner: str, net: Network, params: int, dense_params: int, dense_name: str) -> None:
+    """One warning per configuration when a factorization holds more parameters than what it replaces."""
+    key = ("larger", owner, net.modes, tuple(net.ranks.items()), params, dense_params)
+    if params > dense_params and key not in _warned:
+        _warned.add(key)
+        warn_user(f"{owner} over modes {net.modes} with ranks {dict(net.ranks)} has {params:,} parameters, more "
+                  f"than the {dense_params:,} of the {dense_name} it replaces ({params / dense_params:.2f}x); "
+                  f"a lower rank (or a float rank in (0, 1], the fraction of the dense count to keep) makes it "
+                  f"smaller")
 
 
 def check_dtype(dtype) -> None:
@@ -107,8 +141,41 @@ class CoreModule(nn.Module):
                 f"{type(self).__name__}.{what} needs cores with values, but they are on the meta device; "
                 f"materialize first: module.to_empty(device='cpu') then module.reset_parameters()")
 
+    # -- what the cores mean, in the state_dict ------------------------------------------------------------
+    def _state_config(self) -> Optional[dict]:
+        """What the cores mean beyond their shapes (str/int/tuple values only: ``torch.load(weights_only=True)``
+        reads them); None: nothing to record."""
+        return None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # in the metadata nn.Module keeps per module (torch.save keeps it; state_dict keys stay tensors only)
+        metadata = getattr(destination, "_metadata", None)
+        config = self._state_config()
+        if config is not None and metadata is not None and prefix[:-1] in metadata:
+            metadata[prefix[:-1]][STATE_CONFIG_KEY] = config
+
+    def _check_state_config(self, state_dict, prefix: str, local_metadata) -> None:
+        """Refuse cores saved by a module of another configuration (same core shapes, other meaning: a 3x3
+        kernel read as 1x9). A state_dict without the record (older files, a rebuilt plain dict) loads
+        unchecked, as before."""
+        saved, own = local_metadata.get(STATE_CONFIG_KEY), self._state_config()
+        if not isinstance(saved, dict) or own is None:
+            return
+        if not any(f"{prefix}cores.{k}" in state_dict for k in range(len(self.cores))):
+            return  # none of this module's cores is loaded (strict=False with a partial state_dict)
+        differ = [k for k in own if k in saved and _as_tuples(saved[k]) != own[k]]
+        if differ:
+            where = repr(prefix[:-1]) if prefix else "the state_dict"
+            raise ValueError(f"load_state_dict: {where} holds the cores of a module with {_describe(saved)}, but "
+                             f"this {type(self).__name__} has {_describe(own)} ({', '.join(differ)} differ): the "
+                             f"cores would be read with another meaning; build the module with the saved "
+                             f"configuration")
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # refused whatever ``strict`` says, as nn refuses a size mismatch: loading would give wrong results
+        self._check_state_config(state_dict, prefix, local_metadata)
         # refuse non-finite cores before this module copies anything (its parameters stay as they were)
         for k in range(len(self.cores)):
             key = f"{prefix}cores.{k}"
@@ -126,3 +193,21 @@ class CoreModule(nn.Module):
     def _load_cores(self, cores: Sequence[torch.Tensor]) -> None:
         for param, value in zip(self.cores, cores):
             param.copy_(value.to(param.dtype))
+
+
+def check_state_configs(model: nn.Module, state_dict) -> None:
+    """The configuration check of every tensorized module in ``model`` against a whole ``state_dict``, before
+    anything is loaded (``model.load_state_dict`` checks each module just before copying into it)."""
+    metadata = getattr(state_dict, "_metadata", None) or {}
+    for name, module in model.named_modules():
+        if isinstance(module, CoreModule):
+            module._check_state_config(state_dict, f"{name}." if name else "", metadata.get(name, {}))
+
+
+def _as_tuples(value):
+    """A config value as saved, with lists (another serializer's tuples) read back as tuples."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _describe(config: dict) -> str:
+    return ", ".join(f"{k}={_as_tuples(v)!r}" for k, v in config.items())

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from ..contract import ConvPlan
-from ..shapes import output_size
+from ..shapes import as_int, output_size, positive_int
 from .layer import TensorizedLayer
 
 __all__ = ["TensorizedConv2d"]
@@ -17,11 +17,20 @@ __all__ = ["TensorizedConv2d"]
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
+def _int_pair(value, low: int):
+    """``value`` (an int or a pair; numpy integers too, as nn.Conv2d takes them) as two plain ints >= low,
+    or None."""
+    pair = tuple(as_int(v) for v in _pair(value))
+    if len(pair) != 2 or any(v is None or v < low for v in pair):
+        return None
+    return pair
+
+
 def _positive_pair(value, name) -> Tuple[int, int]:
-    pair = _pair(value)
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair):
+    pair = _int_pair(value, 1)
+    if pair is None:
         raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
-    return tuple(pair)
+    return pair
 
 
 def _padding_amounts(padding, kernel, dilation, stride):
@@ -35,10 +44,15 @@ def _padding_amounts(padding, kernel, dilation, stride):
             raise ValueError("padding='same' is not supported for strided convolutions (stride must be 1)")
         (th, tw) = (dilation[0] * (kernel[0] - 1), dilation[1] * (kernel[1] - 1))
         return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
-    pair = _pair(padding)
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in pair):
-        raise ValueError(f"padding must be a non-negative int, a pair of them, 'same' or 'valid', got {padding!r}")
+    pair = _padding_pair(padding)
     return (pair[1], pair[1], pair[0], pair[0])
+
+
+def _padding_pair(padding) -> Tuple[int, int]:
+    pair = _int_pair(padding, 0)
+    if pair is None:
+        raise ValueError(f"padding must be a non-negative int, a pair of them, 'same' or 'valid', got {padding!r}")
+    return pair
 
 
 class TensorizedConv2d(TensorizedLayer):
@@ -55,21 +69,24 @@ class TensorizedConv2d(TensorizedLayer):
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  rank, format: str | None = None, in_shape=None, out_shape=None, strategy: str = "auto"):
         super().__init__()
-        if isinstance(groups, bool) or not isinstance(groups, int):
+        if as_int(groups) is None:
             raise TypeError(f"groups must be an int (tensorized convs support groups=1), got {groups!r}")
+        groups = as_int(groups)
         if groups < 1:
             raise ValueError(f"groups must be a positive int (tensorized convs support groups=1), got {groups!r}")
         if groups != 1:
             raise NotImplementedError(f"groups={groups!r}: tensorized convs support groups=1 only")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        in_channels = positive_int(in_channels, "in_channels")
+        out_channels = positive_int(out_channels, "out_channels")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, 1
         self.kernel_size = _positive_pair(kernel_size, "kernel_size")
         self.stride = _positive_pair(stride, "stride")
         self.dilation = _positive_pair(dilation, "dilation")
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.padding = padding if isinstance(padding, str) else _padding_pair(padding)
         self.padding_mode = padding_mode
-        self._pad = _padding_amounts(padding, self.kernel_size, self.dilation, self.stride)
+        self._pad = _padding_amounts(self.padding, self.kernel_size, self.dilation, self.stride)
         left, right, top, bottom = self._pad
         # zero padding that is symmetric goes to the conv itself; anything else is an explicit F.pad first
         self._explicit_pad = padding_mode != "zeros" or left != right or top != bottom
@@ -105,6 +122,9 @@ class TensorizedConv2d(TensorizedLayer):
             x = F.pad(x, self._pad, mode=mode)
         y = self._apply_cores(x)
         return y.squeeze(0) if unbatched else y
+
+    def _state_config(self):
+        return {**super()._state_config(), "kernel_size": self.kernel_size}
 
     def _apply_config(self):
         return (self.kernel_size, tuple(sorted(self._conv_args.items())))

@@ -22,11 +22,14 @@ class FactorizedTensor(CoreModule):
     returns the full tensor, ``.cores`` the factors (one scale-invariant group).
 
     ``rank``: int (uniform), a sequence (per bond; TT may be written ``[1, r1, ..., 1]``; Tucker per mode,
-    ``None`` = mode left unfactored), or a float in (0, 1]: the fraction of ``prod(shape)`` parameters.
+    ``None`` = mode left unfactored), a float in (0, 1]: the fraction of ``prod(shape)`` parameters, or
+    ``"same"`` (the default, as tltorch's ``FactorizedTensor.new``): the same as ``1.0``, the largest
+    uniform rank whose parameter count does not exceed the full tensor's.
     Cores start random with the full tensor's entries of std ``std``.
     """
 
-    def __init__(self, shape, format: str = "tucker", rank=None, *, std: float = 1.0, device=None, dtype=None):
+    def __init__(self, shape, format: str = "tucker", rank="same", *, std: float = 1.0, device=None,
+                 dtype=None):
         super().__init__()
         if isinstance(std, (bool, str, bytes)) or not isinstance(std, (Real, torch.Tensor)):
             raise TypeError(f"std must be a number, got {type(std).__name__}")
@@ -35,11 +38,16 @@ class FactorizedTensor(CoreModule):
         fmt = get_format(format)
         modes = check_modes(shape)
         roles = ("mode",) * len(modes)
+        if isinstance(rank, str) and rank == "same":
+            rank = 1.0
         rank = resolve_rank(rank, lambda r: fmt.network(modes, fmt.layer_rank(r, roles)).num_params, prod(modes))
-        self._init_cores(build_network(fmt, modes, rank, roles), device, dtype)
+        self._init_cores(build_network(fmt, modes, rank, roles, prod(modes), "full tensor"), device, dtype)
         self._expr, _ = expression(self.network.equation(), tuple(self.network.shapes))
         self.std = float(std)
         self.reset_parameters()
+
+    def _state_config(self) -> dict:
+        return {"kind": "tensor", "format": self.format, "shape": tuple(self.network.modes)}
 
     @property
     def shape(self):
@@ -54,7 +62,8 @@ class FactorizedTensor(CoreModule):
     to_tensor = forward
 
     @classmethod
-    def from_tensor(cls, tensor: torch.Tensor, format: str = "tucker", rank=None, **options) -> "FactorizedTensor":
+    def from_tensor(cls, tensor: torch.Tensor, format: str = "tucker", rank="same", **options
+                    ) -> "FactorizedTensor":
         """Decompose ``tensor`` (TT-SVD, TR-SVD, CP-ALS or HOOI via tensorly) into a FactorizedTensor."""
         check_tensor_values("tensor", tensor)
         check_decomposition_options(options)

@@ -16,16 +16,17 @@ from ..formats.network import mode_label
 from ..init import init_cores_, kaiming_std
 from ..shapes import optional_shape, resolve_rank
 from ..strategy import STRATEGIES, check_strategy, choose, get_strategy
-from .base import CoreModule, build_network, check_decomposition_options, check_tensor_values
+from .base import (CoreModule, build_network, check_decomposition_options, check_tensor_values,
+                   warn_if_larger_than_dense)
 
 __all__ = ["TensorizedLayer", "STRATEGIES"]
-
 
 
 class TensorizedLayer(CoreModule):
     FORMAT = None  # set by the thin named classes (TTConv2d: "tt", ...)
     KIND = None  # "linear" | "conv"
     cache_weight = True  # reuse the dense weight while no core changes, when no graph needs it
+    dense_params: int  # parameters of the nn.Linear / nn.Conv2d this layer stands for (weight and bias)
     _weight_cache = None
     last_strategy = None  # the strategy the last eager forward ran ("dense" or "factorized")
 
@@ -38,11 +39,7 @@ class TensorizedLayer(CoreModule):
         elif self.FORMAT is not None and format != self.FORMAT:
             raise ValueError(f"{type(self).__name__} is format {self.FORMAT!r}; got format={format!r}")
         fmt = get_format(format)
-        check_strategy(strategy)
-        for name, value in (("in_features" if self.KIND == "linear" else "in_channels", in_dim),
-                            ("out_features" if self.KIND == "linear" else "out_channels", out_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_strategy(strategy)  # (in_dim/out_dim: plain positive ints, checked by the subclass)
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be True or False, got {bias!r}")
         split = fmt.SPLIT_CHANNELS[self.KIND]
@@ -52,10 +49,15 @@ class TensorizedLayer(CoreModule):
         modes = self.in_shape + spatial + self.out_shape
         roles = ("in",) * len(self.in_shape) + ("spatial",) * len(spatial) + ("out",) * len(self.out_shape)
         self.fan_in = in_dim * prod(kernel)
-        dense_params = in_dim * out_dim * prod(kernel)
+        dense_weight = in_dim * out_dim * prod(kernel)
+        self.dense_params = dense_weight + (out_dim if bias else 0)
+        dense_name = f"dense nn.{'Linear' if self.KIND == 'linear' else 'Conv2d'}"
         rank = resolve_rank(rank, lambda r: fmt.network(modes, fmt.layer_rank(r, roles)).num_params,
-                            dense_params, where=f" for {type(self).__name__}")
-        self._init_cores(build_network(fmt, modes, rank, roles), device, dtype)
+                            dense_weight, where=f" for {type(self).__name__}")
+        net = build_network(fmt, modes, rank, roles, self.dense_params, dense_name)
+        warn_if_larger_than_dense(type(self).__name__, net, net.num_params + (out_dim if bias else 0),
+                                  self.dense_params, dense_name)
+        self._init_cores(net, device, dtype)
         self.roles = roles
         self.strategy = strategy
         self._choices = {}
@@ -79,6 +81,11 @@ class TensorizedLayer(CoreModule):
         """The reconstructed dense weight, shaped like the ``nn`` counterpart's."""
         self._check_materialized("weight")
         return self.plan.weight(self.core_parameters()).reshape(self._weight_shape())
+
+    def _state_config(self) -> dict:
+        """Saved with the cores (state_dict metadata): cores of the same shapes mean another weight under
+        another format, kind, tensorization of the channels or kernel (see CoreModule._check_state_config)."""
+        return {"kind": self.KIND, "format": self.format, "in_shape": self.in_shape, "out_shape": self.out_shape}
 
     def reset_parameters(self) -> None:
         """Variance-preserving cores (the weight's std matches Kaiming-normal's); ``nn``'s bias init."""
@@ -120,7 +127,14 @@ class TensorizedLayer(CoreModule):
             raise TypeError(f"{type(self).__name__} expects a torch.Tensor input, got {type(x).__name__}")
         if not (x.is_floating_point() or x.is_complex()):
             raise TypeError(f"{type(self).__name__} expects a floating-point input, got dtype {x.dtype}")
-        self._check_materialized("forward")
+        core = self.cores[0]
+        if core.is_meta:
+            self._check_materialized("forward")
+        # nn.Conv2d refuses mixed dtypes too (outside autocast, which casts both): say which and what to do
+        if x.dtype != core.dtype and autocast_dtype(x.device.type) is None:
+            raise TypeError(f"{type(self).__name__} got an input of dtype {x.dtype}, but its cores are "
+                            f"{core.dtype}: convert one to the other (layer.to({x.dtype}) or x.to({core.dtype})), "
+                            f"or run under torch.autocast")
 
     def _dense(self, x, weight, bias):  # one F.linear / F.conv2d with the weight
         raise NotImplementedError
@@ -184,9 +198,13 @@ class TensorizedLayer(CoreModule):
     # -- weight cache ---------------------------------------------------------------------------------
     def _dense_weight(self) -> torch.Tensor:
         """The weight for the dense strategy. When it needs no autograd graph (``torch.no_grad()``,
-        ``inference_mode``, frozen cores) it is built once and reused until a core changes: each core's
-        version counter (bumped by every in-place write: optimizer steps, ``copy_``, ``load_state_dict``)
-        and storage are part of the cache key. ``cache_weight = False`` turns this off for the layer."""
+        ``inference_mode``, frozen cores) it is built once and reused while the cores hold the values it was
+        built from: each call compares the cores, exactly, with a copy kept at build time, so every way of
+        writing them counts, including writes through ``.data`` that leave the version counter unchanged
+        (EMA updates). The cores' version counters, storages, dtypes and devices, the autocast dtype
+        and inference mode are also part of the key. On CUDA the comparison synchronizes the host with the
+        device once per core and call. ``cache_weight = False`` turns caching off for the layer (the weight
+        is then rebuilt on every call)."""
         if torch.compiler.is_compiling():
             return self.weight
         cores = self.core_parameters()
@@ -197,8 +215,8 @@ class TensorizedLayer(CoreModule):
         key = (tuple((c._version, c.data_ptr(), c.dtype, c.device) for c in cores),
                autocast_dtype(cores[0].device.type), torch.is_inference_mode_enabled())
         cache = self._weight_cache
-        if cache is None or cache[0] != key:
-            cache = self._weight_cache = (key, self.weight.detach())
+        if cache is None or cache[0] != key or not _same_values(cores, cache[2]):
+            cache = self._weight_cache = (key, self.weight.detach(), [c.detach().clone() for c in cores])
         return cache[1]
 
     def clear_weight_cache(self) -> None:
@@ -208,3 +226,17 @@ class TensorizedLayer(CoreModule):
     def extra_repr(self) -> str:
         return (f"format={self.format!r}, ranks={self.ranks}, in_shape={self.in_shape}, out_shape={self.out_shape}, "
                 f"strategy={self.strategy!r}")
+
+
+_NUMPY_MIN = 1 << 15  # entries from which numpy's vectorized == beats torch.equal on CPU (~4x at 128k entries)
+
+
+def _same_values(cores, snapshot) -> bool:
+    """Every core equal, exactly, to its copy (cores are small next to the weight: 1-2 us per small core)."""
+    return all(_equal(c, s) for c, s in zip(cores, snapshot))
+
+
+def _equal(core: torch.Tensor, copy: torch.Tensor) -> bool:
+    if core.numel() >= _NUMPY_MIN and core.device.type == "cpu" and core.dtype in (torch.float32, torch.float64):
+        return bool((core.detach().numpy() == copy.numpy()).all())
+    return torch.equal(core, copy)

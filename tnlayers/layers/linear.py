@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..contract import LinearPlan
+from ..shapes import positive_int
 from .layer import TensorizedLayer
 
 __all__ = ["TensorizedLinear"]
@@ -24,6 +25,8 @@ class TensorizedLinear(TensorizedLayer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  rank, format: str | None = None, in_shape=None, out_shape=None, strategy: str = "auto"):
         super().__init__()
+        in_features = positive_int(in_features, "in_features")
+        out_features = positive_int(out_features, "out_features")
         self.in_features, self.out_features = in_features, out_features
         self._setup(format, in_features, out_features, (), rank, in_shape, out_shape, bias, strategy, device, dtype)
         self.plan = LinearPlan(self.network, self.roles)

@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..groups import INDEX_ATTR, SIZE_ATTR, group_of
-from ._common import (WrappedOptimizer, alpha_at, check_non_negative, check_schedule, split_alpha)
+from .._caller import user_stacklevel
+from ._common import WrappedOptimizer, alpha_at, check_non_negative, check_schedule, split_alpha
 
 
 def stat_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
@@ -168,7 +169,8 @@ class CoreIndex:
                    if sorted(p) != list(range(sizes[t] if sizes[t] is not None else len(p)))]
         if partial:
             warnings.warn(f"{len(partial)} core group(s) are only partly in this optimizer (core indices "
-                          f"{partial[0]}, ...); their cores are balanced among the ones present", stacklevel=4)
+                          f"{partial[0]}, ...); their cores are balanced among the ones present",
+                          stacklevel=user_stacklevel())
 
     def layout(self) -> Optional[CoreLayout]:
         """The layout of the cores that have a gradient now, or None when none has."""
@@ -200,19 +202,41 @@ class CoreScalingOptimizer(WrappedOptimizer):
         self._core_index: Optional[CoreIndex] = None
         self.last_lambdas: Optional[Tuple[List[torch.Tensor], torch.Tensor]] = None
         super().__init__(params, base_optimizer, {"alpha": group_alpha, **defaults}, base_kwargs)
+        self._warn_if_no_cores()
+
+    def _warn_if_no_cores(self) -> None:
+        """Over parameters without core groups this optimizer is exactly its base optimizer: say so once."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        if any(group_of(p) is not None for p in params):
+            return
+        name = type(self).__name__
+        warnings.warn(
+            f"{name} found no core groups among the {len(params)} parameters given: it will take exactly the base "
+            f"optimizer's step. {name} rescales the cores of tnlayers layers and adapters (the parameters "
+            "tnlayers.core_groups(model) lists); PEFT LoRA layers are not recognized yet", UserWarning,
+            stacklevel=user_stacklevel())
+
+    def _check_group(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        if "lr" not in group:
+            raise ValueError(f"{type(self).__name__} needs a base optimizer whose param groups have an 'lr'")
+        if group.get("alpha") is not None:
+            return {"alpha": check_non_negative("alpha", group["alpha"])}
+        if self._alpha_fn is None:
+            raise ValueError("a param group has alpha=None (saved with a callable alpha?) but this optimizer has "
+                             "no callable alpha; give it the same callable alpha=")
+        return {}
 
     def _param_groups_changed(self) -> None:
-        for group in self.param_groups:
-            if group.get("alpha") is not None:
-                group["alpha"] = check_non_negative("alpha", group["alpha"])
-            elif self._alpha_fn is None:
-                raise ValueError("a param group has alpha=None but no callable alpha was given")
-            if "lr" not in group:
-                raise ValueError(f"{type(self).__name__} needs a base optimizer whose param groups have an 'lr'")
+        super()._param_groups_changed()
         self._core_index = None
 
     def _extra_state(self) -> Dict[str, Any]:
         return {"steps_taken": self.steps_taken}
+
+    def _check_extra_state(self, extra: Dict[str, Any]) -> None:
+        steps = extra.get("steps_taken", 0)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"state_dict: steps_taken must be an int >= 0, got {steps!r}")
 
     def _load_extra_state(self, extra: Dict[str, Any]) -> None:
         self.steps_taken = int(extra.get("steps_taken", 0))
@@ -222,11 +246,15 @@ class CoreScalingOptimizer(WrappedOptimizer):
         per_group = [float(g["lr"]) * alpha_at(g.get("alpha"), self._alpha_fn, self.alpha_schedule,
                                               self.steps_taken, self.total_steps)
                      for g in self.param_groups]
+        self._check_step_sizes(per_group, sorted(set(layout.param_group_list)))
         used = {per_group[i] for i in set(layout.param_group_list)}
         if len(used) == 1:
             return used.pop()
         table = torch.tensor(per_group, dtype=layout.dtype, device=layout.segment.device)
         return table[layout.param_group]
+
+    def _check_step_sizes(self, per_group: List[float], used: List[int]) -> None:
+        """Hook: raise, before any change, when η·α of a param group holding cores is unusable."""
 
     def _lambdas(self, layout: CoreLayout, s: torch.Tensor, gamma: torch.Tensor, step_size) -> torch.Tensor:
         raise NotImplementedError

@@ -117,7 +117,7 @@ class FusedDASStep:
                 hyper.update(momentum=options["momentum"], dampening=options["dampening"],
                              nesterov=options["nesterov"])
         lambdas = plan.update(cores, grads, stats, step_size, das.normalization, das.denominator,
-                              update=kind, state_a=state_a, state_b=state_b, **hyper)
+                              update=kind, state_a=state_a, state_b=state_b, max_scale=das.max_scale, **hyper)
         # the kernels write through raw pointers: tell autograd and the layers' weight caches (which key
         # on version counters) that the cores and their state changed
         torch.autograd.graph.increment_version([*cores, *state_a, *state_b])

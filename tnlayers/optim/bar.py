@@ -3,11 +3,11 @@ two-core groups (LoRA's X, Y) to K cores. The paper has no official code; the ru
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 
-from ._common import check_choice
+from ._common import alpha_at, check_choice
 from ._cores import CoreLayout, CoreScalingOptimizer
 
 __all__ = ["BAR"]
@@ -32,8 +32,15 @@ class BAR(CoreScalingOptimizer):
     i.e. each core is compared with its group's mean rather than with one partner. For K = 2 this is the
     paper's rule (the core above the mean of two is the larger one), except on an exact tie, where both
     cores are left alone instead of the paper's arbitrary choice of X. Unlike DAS, the amount does not
-    depend on how unbalanced the cores are, only on the sign; α is meant to decrease over training
-    (``alpha_schedule="cosine"`` by default, which needs ``total_steps``).
+    depend on how unbalanced the cores are, only on the sign; α is meant to decrease over training: by
+    default (``alpha_schedule=None``) it follows a cosine decay to 0 at ``total_steps`` when that is given,
+    and stays constant when it is not (no end of training to decay towards).
+
+    αη < 1 is required: the shrinking core is multiplied by 1 − αη, an explicit Euler step of the flow
+    dG/dt = −α G, whose exact factor e^(−αη) is always positive; at αη ≥ 1 the step would zero the core
+    (and so the layer) or flip its sign. This is a step size outside the rule's range, like an lr that
+    diverges, so it is refused rather than clamped (a clamp would silently change α): a ValueError at
+    construction, and at each step (before anything changes) since schedulers change η.
 
     Arguments are those of :class:`~tnlayers.optim.DAS` (``params``, ``base_optimizer``, ``alpha`` as a
     float or a callable of the step, ``alpha_schedule``, ``total_steps``, ``**base_kwargs``) plus
@@ -42,10 +49,27 @@ class BAR(CoreScalingOptimizer):
     """
 
     def __init__(self, params, base_optimizer, alpha: Union[float, Callable[[int], float]] = 0.1,
-                 variant: str = "nbar", alpha_schedule: str = "cosine", total_steps: Optional[int] = None,
+                 variant: str = "nbar", alpha_schedule: Optional[str] = None, total_steps: Optional[int] = None,
                  **base_kwargs):
         self.variant = check_choice("variant", variant, VARIANTS)
+        if alpha_schedule is None:  # the paper's decreasing α where the end of training is known
+            alpha_schedule = "constant" if total_steps is None else "cosine"
         super().__init__(params, base_optimizer, alpha, alpha_schedule, total_steps, {}, base_kwargs)
+        if self._alpha_fn is None:
+            self._check_step_sizes([float(g["lr"]) * g["alpha"] for g in self.param_groups],
+                                   range(len(self.param_groups)))
+
+    def _check_step_sizes(self, per_group: List[float], used) -> None:
+        for index in used:
+            if per_group[index] >= 1.0:
+                group = self.param_groups[index]
+                alpha = alpha_at(group.get("alpha"), self._alpha_fn, self.alpha_schedule, self.steps_taken,
+                                 self.total_steps)
+                raise ValueError(
+                    f"BAR needs alpha * lr < 1 (each core is scaled by 1 ± alpha * lr; at 1 - alpha * lr <= 0 the "
+                    f"shrinking core would be zeroed or flip sign): param group {index} has alpha={alpha!r} (at "
+                    f"step {self.steps_taken}) and lr={float(group['lr'])!r}, alpha * lr = {per_group[index]!r}; "
+                    "lower alpha or lr")
 
     def _lambdas(self, layout: CoreLayout, s: torch.Tensor, gamma: torch.Tensor, step_size) -> torch.Tensor:
         measured = gamma if self.variant == "nbar" else s

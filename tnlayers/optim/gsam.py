@@ -53,6 +53,7 @@ class GSAM(SAM):
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
+        self._drop_unreached_flag()  # before the correction reads the gradients
         first, self._first_grads = self._first_grads, None
         if self._saved is not None and first is not None:
             if self.__dict__.get("found_inf") is not None and self.__dict__.get("grad_scale") is None:

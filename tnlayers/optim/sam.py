@@ -4,7 +4,8 @@ adaptive perturbation, as a drop-in ``torch.optim`` optimizer.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, List, Optional
+import weakref
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -72,15 +73,15 @@ class SAM(WrappedOptimizer):
         self._perturbed: Optional[List[torch.Tensor]] = None
         self._saved: Optional[List[torch.Tensor]] = None
         self._first_pass_finite: Optional[torch.Tensor] = None
+        self._flag_watch: Optional[tuple] = None
         if not isinstance(adaptive, bool):
             raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
         super().__init__(params, base_optimizer, {"rho": rho, "adaptive": adaptive}, base_kwargs)
 
-    def _param_groups_changed(self) -> None:
-        for group in self.param_groups:
-            group["rho"] = check_non_negative("rho", group["rho"])
-            if not isinstance(group["adaptive"], bool):
-                raise TypeError(f"adaptive must be a bool, got {group['adaptive']!r}")
+    def _check_group(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        if not isinstance(group.get("adaptive"), bool):
+            raise TypeError(f"adaptive must be a bool, got {group.get('adaptive')!r}")
+        return {"rho": check_non_negative("rho", group.get("rho")), "adaptive": group["adaptive"]}
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = True) -> None:
@@ -123,6 +124,33 @@ class SAM(WrappedOptimizer):
             # the first pass). Decided on the device, without a host read.
             flag = params[0].grad = torch.zeros_like(params[0])
             flag.add_(torch.where(self._first_pass_finite, 0.0, float("nan")).to(flag.dtype))
+            self._watch_flag(params[0], flag)
+
+    def _watch_flag(self, param: torch.Tensor, flag: torch.Tensor) -> None:
+        """Notice whether the second backward pass reaches ``param``, which holds the flag gradient; if it
+        does not, :meth:`_drop_unreached_flag` takes the flag away before the base step."""
+        reached = {"yes": False}
+
+        def hook(_):
+            reached["yes"] = True
+
+        # a weak reference: holding the flag would make autograd accumulate out of place
+        self._flag_watch = (param, weakref.ref(flag), reached, param.register_post_accumulate_grad_hook(hook))
+
+    def _drop_unreached_flag(self) -> None:
+        """A parameter the second pass gave no gradient keeps no gradient (davda54/sam leaves it alone):
+        otherwise momentum or weight decay would move it on the zero flag. Kept only when it carries a
+        non-finite first pass to a base step without GradScaler (which then sees a NaN, as documented)."""
+        watch, self._flag_watch = self._flag_watch, None
+        if watch is None:
+            return
+        param, flag, reached, handle = watch
+        handle.remove()
+        if reached["yes"] or param.grad is None or param.grad is not flag():
+            return  # reached by backward, or the gradient was set by hand
+        under_scaler = self.__dict__.get("found_inf") is not None
+        if under_scaler or self._first_pass_finite is None or bool(self._first_pass_finite):
+            param.grad = None
 
     @torch.no_grad()
     def _restore(self) -> None:
@@ -151,6 +179,7 @@ class SAM(WrappedOptimizer):
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore w and take the base optimizer's step with the gradients computed at w̃."""
+        self._drop_unreached_flag()
         self._restore()
         skip = self._skip_for_amp()
         self._first_pass_finite = None

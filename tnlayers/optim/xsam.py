@@ -146,6 +146,7 @@ class XSAM(SAM):
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
+        self._drop_unreached_flag()  # before the correction reads the gradients
         if self._saved is not None and self._first_dot is not None:
             self._correct_gradients()
         self._first_dot = None
@@ -184,6 +185,19 @@ class XSAM(SAM):
             extra["eigenvalue"] = self._eigenvalue.detach().clone()
         return extra
 
+    def _check_extra_state(self, extra: Dict[str, Any]) -> None:
+        vector = extra.get("eigenvector")
+        if vector is None:
+            return
+        params = self._params()
+        if not isinstance(vector, (list, tuple)) or len(vector) != len(params) or \
+                any(not isinstance(v, torch.Tensor) or v.shape != p.shape for v, p in zip(vector, params)):
+            raise ValueError("state_dict: the stored X-SAM eigenvector does not match this optimizer's parameters")
+        if not all(bool(torch.isfinite(v).all()) for v in vector):
+            raise ValueError("state_dict: the stored X-SAM eigenvector holds non-finite values")
+        if "eigenvalue" not in extra:
+            raise ValueError("state_dict: the stored X-SAM eigenvector comes without its eigenvalue")
+
     def _load_extra_state(self, extra: Dict[str, Any]) -> None:
         self._steps = int(extra.get("xsam_steps", 0))
         self._updated_at = int(extra.get("xsam_updated_at", -1))
@@ -192,9 +206,5 @@ class XSAM(SAM):
         if vector is None:
             return
         params = self._params()
-        if len(vector) != len(params) or any(v.shape != p.shape for v, p in zip(vector, params)):
-            raise ValueError("state_dict: the stored X-SAM eigenvector does not match this optimizer's parameters")
-        if not all(bool(torch.isfinite(v).all()) for v in vector):
-            raise ValueError("state_dict: the stored X-SAM eigenvector holds non-finite values")
         self._eigenvector = [v.to(device=p.device, dtype=p.dtype) for v, p in zip(vector, params)]
         self._eigenvalue = torch.as_tensor(extra["eigenvalue"]).to(params[0].device)
