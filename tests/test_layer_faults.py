@@ -143,6 +143,39 @@ def test_cache_is_still_reused_while_the_cores_are_unchanged(monkeypatch):
     torch.testing.assert_close(y, _reference(layer, x))
 
 
+
+def test_the_accelerator_snapshot_sees_one_changed_entry_of_any_core():
+    """Off the CPU the guard compares one flat copy of all cores (one device sync per call); the same logic,
+    run here on CPU tensors, must see a single entry changed in any core."""
+    from tnlayers.layers.weight_cache import _flat, unchanged
+
+    torch.manual_seed(0)
+    layer = TTLinear(24, 20, rank=3)
+    cores = layer.core_parameters()
+    copy_ = _flat(cores).clone()
+    assert unchanged(cores, copy_)
+    for k in range(len(cores)):
+        cores[k].data.view(-1)[0] += 1e-3  # invisible to the version counter
+        assert not unchanged(cores, copy_)
+        cores[k].data.view(-1)[0] -= 1e-3
+        copy_ = _flat(cores).clone()  # rounding may leave the entry a bit off: compare with what is there now
+        assert unchanged(cores, copy_)
+
+
+def test_cached_context_trusts_the_cache_like_parametrize_cached():
+    """Inside tnlayers.cached() the values are not compared (parametrize.cached's contract: a .data write is
+    not seen), but version-counted writes still are; after the context the comparison is back."""
+    layer, x = _layer("linear", "dense")
+    with torch.no_grad():
+        before = layer(x)
+        with tnlayers.cached():
+            layer.cores[0].data.mul_(2.0)
+            torch.testing.assert_close(layer(x), before)  # documented: not seen inside the context
+            layer.cores[1].mul_(3.0)  # bumps the version counter: seen even inside
+            torch.testing.assert_close(layer(x), _reference(layer, x))
+        layer.cores[0].data.mul_(0.5)
+        torch.testing.assert_close(layer(x), _reference(layer, x))  # outside: every write is seen again
+
 # -- 2. what the cores mean travels with them in the state_dict --------------------------------------------------
 def _tt(kernel, **kw):
     torch.manual_seed(0)

@@ -2,6 +2,7 @@
 import copy
 import io
 import itertools
+import math
 import warnings
 
 import pytest
@@ -282,15 +283,19 @@ def test_unbatched_conv_input():
     torch.testing.assert_close(layer(x), layer(x[None])[0])
 
 
-def test_variance_preserving_init():
-    """The reconstructed weight's std matches kaiming_normal_'s for the dense layer within 10%,
-    estimated as the root of the mean square over many seeds (products of cores are heavy-tailed)."""
+@pytest.mark.parametrize("weight_std, dense_init", [
+    ("nn", lambda w: nn.init.kaiming_uniform_(w, a=math.sqrt(5))),  # the default: nn's own default init
+    ("kaiming_normal", nn.init.kaiming_normal_)])
+def test_variance_preserving_init(weight_std, dense_init):
+    """The reconstructed weight's std matches the dense layer's init (nn's default, or kaiming_normal_ by
+    name) within 10%, estimated as the root of the mean square over many seeds (products of cores are
+    heavy-tailed)."""
     configs = [(cls, (16, 32, 3), r) for cls in CONVS.values() for r in (2, 8)] + \
               [(cls, (64, 48), r) for cls in LINEARS.values() for r in (2, 6)]
     for cls, args, rank in configs:
-        layer = cls(*args, rank=rank)
+        layer = cls(*args, rank=rank, weight_std=weight_std)
         dense = (nn.Conv2d if len(args) == 3 else nn.Linear)(*args)
-        reference = torch.stack([nn.init.kaiming_normal_(torch.empty_like(dense.weight)).pow(2).mean()
+        reference = torch.stack([dense_init(torch.empty_like(dense.weight)).pow(2).mean()
                                  for _ in range(20)]).mean().sqrt()
         squares = []
         for seed in range(600 if cls in (CPLinear, CPConv2d) else 150):

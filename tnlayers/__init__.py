@@ -5,9 +5,9 @@ Importing tnlayers initializes neither CUDA nor Triton (kernels load lazily).
 from .formats import FORMATS
 from .groups import core_groups
 from .layers import (CPConv2d, CPLinear, FactorizedTensor, TensorizedConv2d, TensorizedLinear, TRConv2d,
-                     TRLinear, TTConv2d, TTLinear, TuckerConv2d, TuckerLinear)
+                     TRLinear, TTConv2d, TTLinear, TuckerConv2d, TuckerLinear, cached)
 from .metrics import norm_deviation, norm_report
-from . import models, optim, training
+from . import lr, models, optim, training
 from .optim import BAR, DAS, GSAM, SAM, XSAM
 from .shapes import tensorize_dim
 from .strategy import get_strategy, set_strategy
@@ -21,5 +21,5 @@ __all__ = ["FactorizedTensor", "TensorizedLinear", "TensorizedConv2d", "TTConv2d
            "TuckerConv2d", "TTLinear", "TRLinear", "CPLinear", "TuckerLinear", "core_groups", "norm_deviation",
            "norm_report", "tensorize_dim", "FORMATS", "SAM", "XSAM", "GSAM", "DAS", "BAR", "tensorize", "summary",
            "to_dense",
-           "set_strategy", "get_strategy", "models", "optim", "training", "adapt", "merge_adapters",
-           "unmerge_adapters", "trainable_parameters"]
+           "set_strategy", "get_strategy", "lr", "models", "optim", "training", "adapt", "merge_adapters",
+           "unmerge_adapters", "trainable_parameters", "cached"]

@@ -7,6 +7,7 @@ matching rules of ``tnlayers/selection.py``; by default the classifier stays den
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -164,16 +165,47 @@ def _dense_type(module: nn.Module):
     return next(t for t in TYPE_MAP if isinstance(module, t))
 
 
-def _build(name: str, plan: _LayerPlan, strategy: str) -> TensorizedLayer:
+def _build(name: str, plan: _LayerPlan, strategy: str, weight_std="nn") -> TensorizedLayer:
     module = plan.module
     dense_type = _dense_type(module)
     layer_type = NAMED_LAYERS[TYPE_MAP[dense_type]][plan.format]
     try:
         layer = layer_type(**_ARGS[dense_type](module), device=module.weight.device, dtype=module.weight.dtype,
-                           rank=plan.rank, strategy=strategy, **plan.shape)
+                           rank=plan.rank, strategy=strategy, weight_std=weight_std, **plan.shape)
     except (TypeError, ValueError) as err:  # name the layer: "rank must be ..." alone does not say where
         raise type(err)(f"tensorizing {name!r} ({type(module).__name__}): {err}") from err
     return layer.train(module.training)
+
+
+def _matched_std(module: nn.Module) -> Optional[float]:
+    """The std (in float64) of the weight a layer replaces, or None when there is none to match: no values
+    (meta device), or no spread (all entries equal, a single entry) or a non-finite one."""
+    weight = module.weight
+    if weight.is_meta or weight.numel() < 2:
+        return None
+    std = float(weight.detach().double().std())
+    return std if math.isfinite(std) and std > 0 else None
+
+
+def _random_starts(unique: dict) -> dict:
+    """init="random": {plan key: the weight_std its layer starts at}, each replaced weight's own std; the
+    ``nn`` default for the module's fan-in where there is none to match (warned when the weight has values:
+    cores cannot all start at zero, they would never get a gradient)."""
+    stds = {key: _matched_std(plan.module) for key, (_, plan) in unique.items()}
+    unmatched = [name or "<model>" for key, (name, plan) in unique.items()
+                 if stds[key] is None and not plan.module.weight.is_meta]
+    if unmatched:
+        warn_user(f"tensorize(init='random'): {len(unmatched)} weight(s) have no spread to match (all entries equal, "
+                  f"or non-finite): {unmatched[:5]}; their layers start at nn's default std instead. To start from "
+                  f"such a weight itself, use init='decompose'")
+    return {key: "nn" if std is None else std for key, std in stds.items()}
+
+
+@torch.no_grad()
+def _copy_bias(layer: TensorizedLayer, module: nn.Module) -> None:
+    """A dense bias is kept as it is: it is not factorized, so the new layer can hold it exactly."""
+    if module.bias is not None:
+        layer.bias.copy_(module.bias)
 
 
 def _swap(parent: nn.Module, replace: Callable[[str, nn.Module], Optional[nn.Module]], prefix: str = "",
@@ -233,8 +265,11 @@ def tensorize(model: nn.Module, format="tt", rank=None, filter=None, init: str =
             Default: every Conv2d and Linear except the classifier (``tnlayers/classifier.py``: the last
             Linear applied, found with ``example_inputs``, else the last registered, with a warning when
             that is not named like a classifier).
-        init: "random" (variance-preserving) or "decompose": each layer from the module's current weight
-            (TT-SVD, TR-SVD, CP-ALS, HOOI); the relative error is kept as ``layer.decomposition_error``.
+        init: "random": random cores whose reconstructed weight has the std of the module's current
+            weight (so nn's default, a fan-out He init or a custom init keep their scale; nn's default for
+            the fan-in when the weight is on the meta device or has no spread), and the module's bias kept
+            as it is; or "decompose": each layer from the module's current weight (TT-SVD, TR-SVD, CP-ALS,
+            HOOI); the relative error is kept as ``layer.decomposition_error``.
             This is also how a dense checkpoint goes into a tensorized model: load it into the dense
             model, then ``tensorize(..., init="decompose")``.
         shapes: per-layer ``{"in_shape": ..., "out_shape": ...}`` overrides (mapping or callable);
@@ -284,8 +319,12 @@ def tensorize(model: nn.Module, format="tt", rank=None, filter=None, init: str =
     unique = {}  # a module registered under several names is built once
     for name, plan in plans.items():
         unique.setdefault(id(plan), (name, plan))
-    built = {key: _build(name, plan, strategy) for key, (name, plan) in unique.items()}
+    starts = _random_starts(unique) if init == "random" else {}
+    built = {key: _build(name, plan, strategy, starts.get(key, "nn")) for key, (name, plan) in unique.items()}
     layers = {name: built[id(plan)] for name, plan in plans.items()}
+    if init == "random":
+        for key, (_, plan) in unique.items():
+            _copy_bias(built[key], plan.module)
     if init == "decompose":
         from tqdm.auto import tqdm  # only when decomposing: keeps `import tnlayers` light
 

@@ -61,13 +61,20 @@ class TensorizedConv2d(TensorizedLayer):
     in (0, 1] (fraction of the dense parameter count). ``strategy``: "dense" (rebuild W, one conv),
     "factorized" (1x1 maps -> small k x k conv -> 1x1 maps), "flops" (fewer FLOPs) or "auto" (FLOPs, refined
     by timing both once per input shape: :mod:`tnlayers.strategy`). Without gradients (``torch.no_grad``,
-    ``eval`` inference) the dense weight is cached until a core changes, so inference costs one conv."""
+    ``eval`` inference) the dense weight is cached until a core changes, so inference costs one conv.
+
+    ``weight_std``: the std of the reconstructed weight at init (``reset_parameters``): ``"nn"`` (default)
+    that of ``nn.Conv2d``'s default init, 1/sqrt(3 fan_in); ``"kaiming_normal"`` He's sqrt(2/fan_in)
+    (fan-in, ReLU gain); or a number > 0. The bias starts as ``nn.Conv2d``'s, uniform on ±1/sqrt(fan_in).
+
+    Example: ``TTConv2d(64, 128, 3, padding=1, rank=16, weight_std="kaiming_normal")``."""
 
     KIND = "conv"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 rank, format: str | None = None, in_shape=None, out_shape=None, strategy: str = "auto"):
+                 rank, format: str | None = None, in_shape=None, out_shape=None, strategy: str = "auto",
+                 weight_std: float | str = "nn"):
         super().__init__()
         if as_int(groups) is None:
             raise TypeError(f"groups must be an int (tensorized convs support groups=1), got {groups!r}")
@@ -93,7 +100,7 @@ class TensorizedConv2d(TensorizedLayer):
         self._conv_args = dict(stride=self.stride, dilation=self.dilation,
                                padding=(0, 0) if self._explicit_pad else (top, left))
         self._setup(format, in_channels, out_channels, self.kernel_size, rank, in_shape, out_shape, bias, strategy,
-                    device, dtype)
+                    device, dtype, weight_std)
         self.plan = ConvPlan(self.network, self.roles, self.kernel_size)
         if strategy == "factorized" and not self.plan.supported:
             raise ValueError(f"strategy='factorized' is not available for this {self.format!r} layout; "

@@ -13,9 +13,10 @@ from ..contract import autocast_dtype
 from ..decompose import decompose
 from ..formats import get_format
 from ..formats.network import mode_label
-from ..init import init_cores_, kaiming_std
+from ..init import check_weight_std, init_cores_, resolve_weight_std
 from ..shapes import optional_shape, resolve_rank
 from ..strategy import STRATEGIES, check_strategy, choose, get_strategy
+from .weight_cache import snapshot, unchanged
 from .base import (CoreModule, build_network, check_decomposition_options, check_tensor_values,
                    warn_if_larger_than_dense)
 
@@ -31,7 +32,7 @@ class TensorizedLayer(CoreModule):
     last_strategy = None  # the strategy the last eager forward ran ("dense" or "factorized")
 
     def _setup(self, format, in_dim, out_dim, kernel: Tuple[int, ...], rank, in_shape, out_shape, bias,
-               strategy, device, dtype):
+               strategy, device, dtype, weight_std):
         if format is None:
             if self.FORMAT is None:
                 raise TypeError(f"{type(self).__name__} needs format=, one of 'cp', 'tucker', 'tt', 'tr'")
@@ -42,6 +43,7 @@ class TensorizedLayer(CoreModule):
         check_strategy(strategy)  # (in_dim/out_dim: plain positive ints, checked by the subclass)
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be True or False, got {bias!r}")
+        self.weight_std = check_weight_std(weight_std)
         split = fmt.SPLIT_CHANNELS[self.KIND]
         self.in_shape = optional_shape(in_shape, in_dim, "in_shape", split)
         self.out_shape = optional_shape(out_shape, out_dim, "out_shape", split)
@@ -88,8 +90,10 @@ class TensorizedLayer(CoreModule):
         return {"kind": self.KIND, "format": self.format, "in_shape": self.in_shape, "out_shape": self.out_shape}
 
     def reset_parameters(self) -> None:
-        """Variance-preserving cores (the weight's std matches Kaiming-normal's); ``nn``'s bias init."""
-        init_cores_(self.cores, self.network, kaiming_std(self.fan_in))
+        """Random cores whose reconstructed weight has std ``weight_std`` (default ``"nn"``: the std of the
+        ``nn`` layer's default init, 1/sqrt(3 fan_in); ``"kaiming_normal"``: sqrt(2/fan_in)); ``nn``'s bias
+        init, uniform on ±1/sqrt(fan_in)."""
+        init_cores_(self.cores, self.network, resolve_weight_std(self.weight_std, self.fan_in))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
@@ -202,9 +206,9 @@ class TensorizedLayer(CoreModule):
         built from: each call compares the cores, exactly, with a copy kept at build time, so every way of
         writing them counts, including writes through ``.data`` that leave the version counter unchanged
         (EMA updates). The cores' version counters, storages, dtypes and devices, the autocast dtype
-        and inference mode are also part of the key. On CUDA the comparison synchronizes the host with the
-        device once per core and call. ``cache_weight = False`` turns caching off for the layer (the weight
-        is then rebuilt on every call)."""
+        and inference mode are also part of the key. Off the CPU the comparison synchronizes the host with
+        the device once per call; ``with tnlayers.cached():`` skips it (see :mod:`.weight_cache`).
+        ``cache_weight = False`` turns caching off for the layer (the weight is then rebuilt on every call)."""
         if torch.compiler.is_compiling():
             return self.weight
         cores = self.core_parameters()
@@ -215,8 +219,8 @@ class TensorizedLayer(CoreModule):
         key = (tuple((c._version, c.data_ptr(), c.dtype, c.device) for c in cores),
                autocast_dtype(cores[0].device.type), torch.is_inference_mode_enabled())
         cache = self._weight_cache
-        if cache is None or cache[0] != key or not _same_values(cores, cache[2]):
-            cache = self._weight_cache = (key, self.weight.detach(), [c.detach().clone() for c in cores])
+        if cache is None or cache[0] != key or not unchanged(cores, cache[2]):
+            cache = self._weight_cache = (key, self.weight.detach(), snapshot(cores))
         return cache[1]
 
     def clear_weight_cache(self) -> None:
@@ -227,16 +231,3 @@ class TensorizedLayer(CoreModule):
         return (f"format={self.format!r}, ranks={self.ranks}, in_shape={self.in_shape}, out_shape={self.out_shape}, "
                 f"strategy={self.strategy!r}")
 
-
-_NUMPY_MIN = 1 << 15  # entries from which numpy's vectorized == beats torch.equal on CPU (~4x at 128k entries)
-
-
-def _same_values(cores, snapshot) -> bool:
-    """Every core equal, exactly, to its copy (cores are small next to the weight: 1-2 us per small core)."""
-    return all(_equal(c, s) for c, s in zip(cores, snapshot))
-
-
-def _equal(core: torch.Tensor, copy: torch.Tensor) -> bool:
-    if core.numel() >= _NUMPY_MIN and core.device.type == "cpu" and core.dtype in (torch.float32, torch.float64):
-        return bool((core.detach().numpy() == copy.numpy()).all())
-    return torch.equal(core, copy)

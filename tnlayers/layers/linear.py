@@ -18,17 +18,25 @@ class TensorizedLinear(TensorizedLayer):
     dense parameter count). ``in_shape``/``out_shape`` override the automatic tensorization.
     ``strategy``: "dense" (rebuild W, then F.linear), "factorized" (contract x through the cores), "flops"
     (fewer FLOPs) or "auto" (FLOPs, refined by timing both once per batch size: :mod:`tnlayers.strategy`).
-    Without gradients the dense weight is cached until a core changes."""
+    Without gradients the dense weight is cached until a core changes.
+
+    ``weight_std``: the std of the reconstructed weight at init (``reset_parameters``): ``"nn"`` (default)
+    that of ``nn.Linear``'s default init, 1/sqrt(3 in_features); ``"kaiming_normal"`` He's
+    sqrt(2/in_features); or a number > 0. The bias starts as ``nn.Linear``'s.
+
+    Example: ``TTLinear(512, 256, rank=8)(torch.randn(4, 512)).shape == (4, 256)``."""
 
     KIND = "linear"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 rank, format: str | None = None, in_shape=None, out_shape=None, strategy: str = "auto"):
+                 rank, format: str | None = None, in_shape=None, out_shape=None, strategy: str = "auto",
+                 weight_std: float | str = "nn"):
         super().__init__()
         in_features = positive_int(in_features, "in_features")
         out_features = positive_int(out_features, "out_features")
         self.in_features, self.out_features = in_features, out_features
-        self._setup(format, in_features, out_features, (), rank, in_shape, out_shape, bias, strategy, device, dtype)
+        self._setup(format, in_features, out_features, (), rank, in_shape, out_shape, bias, strategy, device, dtype,
+                    weight_std)
         self.plan = LinearPlan(self.network, self.roles)
         self.reset_parameters()
 

@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, Iterator, Optional
 import torch
 from torch import nn
 
+from ._divergence import DivergenceWatch
+
 __all__ = ["disable_running_stats"]
 
 ALPHA_SCHEDULES = ("constant", "linear", "cosine")
@@ -136,6 +138,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, base_optimizer, wrapper_defaults: Dict[str, Any], base_kwargs: Dict[str, Any]):
         kind = resolve_base_optimizer(base_optimizer, base_kwargs)
+        self._divergence = DivergenceWatch()  # subclasses call _after_update() once per step
         self._wrapper_defaults = dict(wrapper_defaults)
         base_class = type(base_optimizer) if kind == "instance" else base_optimizer
         base_defaults = base_optimizer.defaults if kind == "instance" else _class_defaults(base_class)
@@ -189,6 +192,11 @@ class WrappedOptimizer(torch.optim.Optimizer):
         """Check every group's options; subclasses that cache anything derived from the groups extend it."""
         for group in self.param_groups:
             group.update(self._check_group(group))
+        self._divergence.forget_cores()
+
+    def _after_update(self) -> None:
+        """After a step that updated the parameters: warn, once, if it left cores non-finite."""
+        self._divergence.after_step(self.param_groups)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         base = self.__dict__.get("base_optimizer")
@@ -237,6 +245,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
             self.base_optimizer.load_state_dict(state_dict)
             self._link_base()
             self._load_extra_state(extra)
+            self._divergence = DivergenceWatch()  # a run resumed from a checkpoint is told of its own divergence
         except Exception:
             # something the checks did not foresee: leave the optimizer as it was
             self.base_optimizer.load_state_dict(backup)

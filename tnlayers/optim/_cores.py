@@ -289,6 +289,7 @@ class CoreScalingOptimizer(WrappedOptimizer):
             self._rescale_cores()
             self.base_optimizer.step()
         self.steps_taken += 1
+        self._after_update()
         return loss
 
     def _fused_step(self) -> bool:

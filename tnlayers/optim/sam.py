@@ -185,6 +185,7 @@ class SAM(WrappedOptimizer):
         self._first_pass_finite = None
         if not skip:
             self.base_optimizer.step()
+            self._after_update()
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
