@@ -50,7 +50,7 @@ def full_tensor(fmt, cores):
 
 
 def conv_weight(fmt, cores, c_out, c_in, kh, kw):
-    """Dense (C_out, C_in, kh, kw) weight of the default layer layouts (DESIGN.md §3)."""
+    """Dense (C_out, C_in, kh, kw) weight of the default layer layouts (docs/design.md, 'Layer layouts')."""
     if fmt == "tt":  # (C_in, r1), (r1, kh*kw, r2), (r2, C_out)
         return torch.einsum("ia,akb,bo->oik", *cores).reshape(c_out, c_in, kh, kw)
     if fmt == "cp":  # (C_in, R), (kh, R), (kw, R), (C_out, R)

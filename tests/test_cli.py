@@ -33,3 +33,19 @@ def test_info_module_entry_point_and_bad_arguments(capsys):
     for bad in (["demo", "--steps", "0"], ["demo", "--rank", "-1"], ["frobnicate"]):
         with pytest.raises(SystemExit):
             main(bad)
+
+
+def test_no_command_prints_the_help_and_exits_0(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: tnlayers") and "demo" in out and "info" in out and "--version" in out
+    run = subprocess.run([sys.executable, "-m", "tnlayers"], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.startswith("usage: tnlayers") and run.stderr == ""
+
+
+def test_version(capsys):
+    import tnlayers
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"tnlayers {tnlayers.__version__}\n"

@@ -2,7 +2,8 @@
 ρ and gradients (zeros, inf included). Asserts: valid arguments (classified by an oracle written from the
 docs) build layers that match the dense op, invalid ones raise only the documented exceptions; no
 non-finite value in any core after a step with finite inputs; DAS changes each core's norm by exactly
-|1 + λ_k| before the base step, with λ_k = η α u (γ_k − ḡ)/s_k (DESIGN.md §2)."""
+|1 + λ_k| before the base step, with λ_k = η α u (γ_k − ḡ)/s_k
+(docs/design.md, 'DAS: deviation-aware scaling')."""
 import math
 import warnings
 

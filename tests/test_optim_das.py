@@ -1,4 +1,5 @@
-"""DAS (Algorithm 2, DESIGN.md §2) against an independent per-layer reference, and its torch.optim contract."""
+"""DAS (arXiv 2508.10435, Algorithm 2) against an independent per-layer reference, and its torch.optim
+contract. The formulas: docs/design.md, 'DAS: deviation-aware scaling'."""
 import copy
 import math
 

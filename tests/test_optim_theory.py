@@ -1,5 +1,5 @@
-"""The norm-dynamics theory of DESIGN.md §1 checked numerically on the paper's Fig. 1 model (Tucker-2
-A·G·Bᵀ fit to T + noise·N), in float64."""
+"""The norm-dynamics theory (docs/design.md, 'Norm deviation: s_k, γ_k, Q and Cov') checked numerically on
+the DAS paper's (arXiv 2508.10435) Fig. 1 model (Tucker-2 A·G·Bᵀ fit to T + noise·N), in float64."""
 import pytest
 import torch
 

@@ -275,9 +275,28 @@ def test_summary_footer_says_larger_for_a_model_that_got_larger():
     result = tnlayers.summary(model, print_table=False)
     total, dense_total = _count(model), 16 * 16 + 16 + 16 * 2 + 2
     assert total > dense_total
-    assert str(result).splitlines()[-1] == (f"total: {total:,} parameters (dense: {dense_total:,}, "
-                                            f"{total / dense_total:.2f}x larger)")
-    assert "smaller" not in str(result)
+    assert result.table.splitlines()[-1] == (f"total: {total:,} parameters (dense: {dense_total:,}, "
+                                             f"{total / dense_total:.2f}x larger)")
+    assert "smaller" not in result.table
+
+
+def test_print_of_summary_shows_the_table_once(capsys):
+    """`print(tnlayers.summary(m))`: summary prints the table, print adds one line, not the table again;
+    `tnlayers.summary(m)` as a statement prints the table; the REPL echo (repr) is that one line too."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tensorize(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2)), format="tr", rank=8)
+    result = tnlayers.summary(model)
+    assert capsys.readouterr().out == result.table + "\n"
+    print(tnlayers.summary(model))
+    out = capsys.readouterr().out
+    assert out == result.table + "\n" + repr(result) + "\n"
+    assert str(result) == repr(result) and "\n" not in repr(result)
+    assert repr(result) == ("<tnlayers Summary: 1 tensorized layer(s) (1 larger than dense), 1 Conv/Linear left "
+                            f"dense; {result.params:,} parameters (dense: {result.dense_params:,}, "
+                            f"{result.params / result.dense_params:.2f}x larger); .table has the table>")
+    assert tnlayers.summary(model, print_table=False).table == result.table
+    assert capsys.readouterr().out == ""
 
 
 # -- TorchScript and already tensorized models ----------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Command line: ``tnlayers demo`` (the main job) and ``tnlayers info``; also ``python -m tnlayers``."""
+"""Command line: ``tnlayers demo`` (the main job) and ``tnlayers info``; also ``python -m tnlayers``.
+With no command it prints this help; ``tnlayers --version`` prints the version."""
 from __future__ import annotations
 
 import argparse
@@ -155,8 +156,10 @@ def _check_output_path(parser, flag: str, path) -> None:
 
 
 def main(argv=None) -> int:
+    from . import __version__
     parser = argparse.ArgumentParser(prog="tnlayers", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,info}")
     p = sub.add_parser("demo", help="tensorize a ResNet-20, train it with SGD/SAM/DAS on real digits, compare")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--rank", type=int, default=8, help="tensor-ring rank of every conv")
@@ -169,6 +172,9 @@ def main(argv=None) -> int:
     p.set_defaults(func=demo)
     sub.add_parser("info", help="versions and kernel availability").set_defaults(func=info)
     args = parser.parse_args(argv)
+    if args.command is None:  # bare `tnlayers`: the help, as a request for it (exit 0, like pip), not an error
+        parser.print_help()
+        return 0
     for name in ("steps", "rank", "batch_size"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

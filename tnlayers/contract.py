@@ -12,6 +12,7 @@ Each plan carries opt_einsum's FLOP estimate, which ``"auto"`` starts from (see 
 
 opt_einsum only plans: a :class:`Contraction` runs its pairwise steps as plain ``torch.einsum`` calls, so
 ``torch.compile(fullgraph=True)`` traces a layer's forward without entering opt_einsum (or numpy).
+Design notes: docs/design.md, 'Contraction planning'.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Norm-dynamics metrics of core groups (DESIGN.md §1)."""
+"""Norm-dynamics metrics of core groups (docs/design.md, 'Norm deviation: s_k, γ_k, Q and Cov')."""
 from __future__ import annotations
 
 from typing import Dict, Sequence

@@ -19,6 +19,7 @@ FLOPs) or where the layer is too small for the choice to matter (``MIN_TIMED_FLO
 than CPU and CUDA, and inside ``torch.compile`` (traced forwards use a decision an eager call already
 made, else the FLOP estimate). Timings vary from run to run, so two runs may choose differently in close
 cases (both ways give the same result up to rounding); ``"flops"`` or a forced strategy never varies.
+Design notes: docs/design.md, 'Strategy cost model'.
 """
 from __future__ import annotations
 

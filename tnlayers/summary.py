@@ -26,9 +26,11 @@ def size_change(params: int, dense: int) -> str:
     return f"{params / max(dense, 1):.2f}x larger"
 
 
-@dataclass
+@dataclass(repr=False)
 class Summary:
-    """Returned by :func:`summary`: one row (a dict) per tensorized layer, and the model's totals."""
+    """Returned by :func:`summary`: one row (a dict) per tensorized layer, and the model's totals. ``table`` is
+    the text table that :func:`summary` prints; ``str``/``repr`` are one line (so ``print(summary(model))``
+    shows the table once, then that line, and a REPL or notebook echoes the line, not the rows)."""
 
     rows: List[dict]
     params: int  # the model's parameter count as it is
@@ -51,7 +53,15 @@ class Summary:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __str__(self) -> str:
+    def __repr__(self) -> str:
+        larger = f" ({len(self.larger)} larger than dense)" if self.larger else ""
+        return (f"<tnlayers Summary: {len(self.rows)} tensorized layer(s){larger}, {len(self.dense_layers)} "
+                f"Conv/Linear left dense; {self.params:,} parameters (dense: {self.dense_params:,}, "
+                f"{size_change(self.params, self.dense_params)}); .table has the table>")
+
+    @property
+    def table(self) -> str:
+        """The table :func:`summary` prints: a row per tensorized layer, the layers left dense, the totals."""
         header = ("layer", "format", "shape", "ranks", "params", "dense", "vs dense", "error", "Q")
         lines = [header]
         for r in self.rows:
@@ -88,8 +98,10 @@ def _row(name: str, layer: TensorizedLayer) -> dict:
 def summary(model: nn.Module, print_table: bool = True) -> Summary:
     """Every tensorized layer (name, format, tensorized shape, ranks, parameters against dense — "smaller"
     or "larger" —, decomposition error if decomposed, norm deviation Q), the Conv/Linear layers left dense,
-    and the totals, dense vs tensorized. Prints the table unless ``print_table=False``; returns it as a
-    :class:`Summary` (``rows``, ``params``, ``dense_params``, ``dense_layers``, ``larger``)."""
+    and the totals, dense vs tensorized. Prints the table unless ``print_table=False``, and returns a
+    :class:`Summary` (``rows``, ``params``, ``dense_params``, ``dense_layers``, ``larger``, and ``table``, the
+    printed text). Call it as a statement: the returned object prints as one line, not as the table again
+    (``print(summary(model))`` shows the table once, then that line)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"summary expects an nn.Module, got {type(model).__name__}")
     if not isinstance(print_table, bool):
@@ -104,5 +116,5 @@ def summary(model: nn.Module, print_table: bool = True) -> Summary:
     dense_total = total + sum(r["dense_params"] - r["params"] for r in rows)
     result = Summary(rows, total, dense_total, dense_layers)
     if print_table:
-        print(result)
+        print(result.table)
     return result

@@ -3,6 +3,7 @@
 Mode labels are ``m0, m1, ...`` (the modes of the full tensor, in order); every other label is a bond
 between cores. A format module only has to say which labels each core carries (see ``tt.py`` etc.);
 equations, shapes and parameter counts follow from that here, once, for all formats.
+Design notes: docs/design.md, 'Contraction planning'.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ Nothing is read back to the host, so a step never waits on the device. The table
 an address changes (e.g. gradients set to None and reallocated), through a pinned, non-blocking copy.
 Requires cores of one floating dtype (fp32/bf16/fp16) on one device; callers fall back to the torch path
 otherwise. On CPU tensors the kernels run under ``TRITON_INTERPRET=1`` (how CI tests them).
+Design notes: docs/design.md, 'Triton kernels for DAS'.
 """
 from __future__ import annotations
 

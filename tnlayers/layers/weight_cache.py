@@ -5,6 +5,7 @@ views, so the guard compares the cores' values with a copy taken when the weight
 next to the dense op on CPU (cores are small next to the weight). On an accelerator any comparison the host
 reads synchronizes with the device, so there it is one fused comparison per call, and
 ``with tnlayers.cached():`` skips it (the contract of ``torch.nn.utils.parametrize.cached()``).
+Design notes: docs/design.md, 'Inference weight cache'.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Optimizers over scale-invariant core groups (DESIGN.md §1–2).
+"""Optimizers over scale-invariant core groups (docs/design.md, 'Norm deviation: s_k, γ_k, Q and Cov').
 
 * :class:`SAM`: sharpness-aware minimization (two forward/backward passes per step); ASAM is
   ``SAM(adaptive=True)``.

@@ -4,7 +4,7 @@ All cores of all groups are handled at once: two ``torch._foreach_norm`` calls g
 γ_k = ||g_k||², per-group means are segment sums (``index_add_``) over a precomputed group id per core, and
 the rescale is one ``torch._foreach_mul_``. Nothing reads a value back to the host, so a step never waits
 for the device. (A per-layer Python loop with ``.item()`` costs several times an SGD step on a ResNet's
-~200 small cores; see DESIGN.md §4.)
+~200 small cores; see docs/design.md, 'Triton kernels for DAS'.)
 
 Sharded cores (DTensor, e.g. after FSDP2's ``fully_shard``): the norms are taken of each rank's local shard
 and the packed vector [s; γ] of partial sums is all-reduced once over the mesh (once per sharded mesh

@@ -6,6 +6,7 @@ or ``torch.optim.AdamW`` with one set of hyper-parameters over the cores' param 
 already created (its first step runs unfused, which creates the state). Otherwise the kernel rescales
 only and the base optimizer's own step follows. Non-core parameters always take the base step: the cores'
 gradients are hidden from it for that call, so it skips them.
+Design notes: docs/design.md, 'Triton kernels for DAS'.
 """
 from __future__ import annotations
 

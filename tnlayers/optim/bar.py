@@ -1,5 +1,6 @@
-"""Balancedness-aware rescaling (BAR; arXiv 2410.14802, summary in shared/reference/), generalized from
-two-core groups (LoRA's X, Y) to K cores. The paper has no official code; the rule below is ours.
+"""Balancedness-aware rescaling (BAR; arXiv 2410.14802), generalized from two-core groups (LoRA's X, Y)
+to K cores. The paper has no official code; the rule below is ours (docs/design.md,
+'BAR: balancedness-aware rescaling').
 """
 from __future__ import annotations
 

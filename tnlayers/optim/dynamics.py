@@ -1,4 +1,7 @@
-"""Norm-dynamics diagnostics per core group (DESIGN.md §1), as flat dicts of floats for logging."""
+"""Norm-dynamics diagnostics per core group, as flat dicts of floats for logging.
+
+The quantities: docs/design.md, 'Norm deviation: s_k, γ_k, Q and Cov'.
+"""
 from __future__ import annotations
 
 from typing import Dict, List, Optional

@@ -1,5 +1,6 @@
 """GSAM-style surrogate-gap correction (Zhuang et al. 2022, "Surrogate Gap Minimization Improves
 Sharpness-Aware Training", Algorithm 1, the gradient-decomposition step) on top of :class:`SAM`.
+Design notes: docs/design.md, 'The SAM family: SAM, ASAM, GSAM, X-SAM'.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Sharpness-Aware Minimization (Foret et al. 2021, Algorithm 1; DAS paper Algorithm 1), with ASAM's
 adaptive perturbation, as a drop-in ``torch.optim`` optimizer.
+Design notes: docs/design.md, 'The SAM family: SAM, ASAM, GSAM, X-SAM'.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """X-SAM (arXiv 2601.10251): SAM whose update is corrected along the top Hessian eigenvector.
 
-Only the paper's abstract is available (shared/reference/); the correction below is *our reading of the
-abstract*, stated exactly in :class:`XSAM`'s docstring, and reduces to SAM bit for bit with ``xi=0``.
+Only the paper's abstract was available; the correction below is *our reading of the abstract*, stated
+exactly in :class:`XSAM`'s docstring (and in docs/design.md, 'The SAM family: SAM, ASAM, GSAM, X-SAM'),
+and reduces to SAM bit for bit with ``xi=0``.
 """
 from __future__ import annotations
 
