@@ -7,7 +7,7 @@ A frozen transformer whose query/value projections carry adapters (FLoRA-style T
 LoRETTA-style TT rank 16, LoRA rank 8); a step is forward + backward + optimizer step (SAM: two passes).
 Per adapter format, the methods are timed in interleaved rounds, so a background load affects them alike;
 the median over all measured steps is reported. The optimizer-step column times ``step()`` alone, the
-part DAS adds to. Targets (issue 10, paper Table 6 on OPT-6.7B): DAS <= 1.05x Adam, SAM ~2x.
+part DAS adds to. Targets (paper Table 6 on OPT-6.7B): DAS <= 1.05x Adam, SAM ~2x.
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def report(args, results: dict, machine: str) -> str:
             low, high = result["spread"][method]
             lines.append(f"| {fmt} | {result['trainable']:,} / {result['total']:,} | {method} | {whole * 1e3:.2f} | "
                          f"{low * 1e3:.2f} | {high * 1e3:.2f} | {whole / adam:.3f} | {step * 1e3:.3f} |")
-    lines += ["", "Targets (issue 10; the paper's Table 6, LoRETTA on OPT-6.7B: SAM 2x, DAS 1.04x): DAS <= 1.05x "
+    lines += ["", "Targets (the paper's Table 6, LoRETTA on OPT-6.7B: SAM 2x, DAS 1.04x): DAS <= 1.05x "
               "Adam, SAM about 2x per training step. SAM's optimizer-step column is its second_step; its first_step "
               "sits in the whole step."]
     return "\n".join(lines) + "\n"

@@ -3,7 +3,7 @@
     python benchmarks/layers.py --threads 1 --keep-freed-memory   # writes benchmarks/results/local/<device>-layers.md
     python benchmarks/layers.py --device cuda
 
-Grid (speed issue): every format x rank (fraction of the dense parameter count) {0.05, 0.1, 0.25, 0.5} x
+Grid: every format x rank (fraction of the dense parameter count) {0.05, 0.1, 0.25, 0.5} x
 {train, inference}, for a 64 -> 64 3x3 conv on a 32 x 64 x 32 x 32 input and a 1024 -> 1024 linear (modes
 (16, 8, 8)) on 256 rows. train: forward + backward of the layer as it runs inside a network, from a given
 upstream gradient (no loss op is timed), the input needing its gradient (``--first-layer``: not);

@@ -8,7 +8,7 @@ X-SAM also re-estimates the top Hessian eigenvector every ``--eig-every`` steps,
 includes on those steps). Methods are timed in interleaved rounds, so a background load affects them
 alike; the median over all measured steps is reported, and the mean, which spreads X-SAM's eigen-updates
 over the steps (amortized cost). The eigen-update alone is timed too. The optimizer-only columns time
-``step()`` alone (for DAS the core rescale plus the base step), the part DAS adds to. Targets (issue 3):
+``step()`` alone (for DAS the core rescale plus the base step), the part DAS adds to. Targets:
 DAS ≤ 1.10× and SAM ≤ 2.1× SGD per training step.
 """
 from __future__ import annotations
@@ -205,7 +205,7 @@ def report(args, result) -> str:
         mean = result["means"][method]
         lines.append(f"| {method} | {whole * 1e3:.2f} | {low * 1e3:.2f} | {high * 1e3:.2f} | {whole / sgd_whole:.2f} | "
                      f"{mean * 1e3:.2f} | {mean / sgd_mean:.2f} | {step * 1e3:.3f} | {step / sgd_step:.2f} |")
-    lines += ["", "Targets (issues 3, 6): DAS <= 1.10x SGD, SAM <= 2.1x (1.8-2.2x) SGD per training step. The optimizer-step "
+    lines += ["", "Targets: DAS <= 1.10x SGD, SAM <= 2.1x (1.8-2.2x) SGD per training step. The optimizer-step "
               "column for SAM/GSAM/XSAM is its second_step (restore, correction, base step); its first_step sits in the "
               "whole step."]
     for method, (eigen, count) in result["eigen_updates"].items():

@@ -146,7 +146,7 @@ def _check_sharded_stats(rank, world):
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from tnlayers.groups import mark_core_group
-    from tnlayers.optim._cores import CoreIndex
+    from tnlayers.optim.core_scaling import CoreIndex
 
     mesh = init_device_mesh("cpu", (world,))
     gen = torch.Generator().manual_seed(3)

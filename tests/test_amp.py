@@ -9,7 +9,7 @@ import tnlayers
 from test_optim_helpers import one_thread  # noqa: F401 (autouse fixture)
 from tnlayers.groups import group_of
 from tnlayers.optim import DAS, SAM, disable_running_stats
-from tnlayers.optim._cores import CoreIndex
+from tnlayers.optim.core_scaling import CoreIndex
 
 X = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 Y = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(1))

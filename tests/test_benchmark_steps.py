@@ -71,3 +71,12 @@ def test_default_outputs_never_touch_committed_results(tmp_path, monkeypatch):
     for script in ("layers", "step_time", "adapter_step", "optimizer_step"):
         source = (BENCH / f"{script}.py").read_text()
         assert "default_out(" in source and '/ "results" /' not in source, script
+
+
+def test_weight_cache_benchmark_runs_and_agrees(tmp_path):
+    """benchmarks/weight_cache.py at one call per variant: every row written, every variant the same output."""
+    out = tmp_path / "wc.md"
+    text = load("weight_cache").main(["--device", "cpu", "--calls", "1", "--warmup", "0", "--out", str(out)])
+    assert out.read_text() == text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "µs" not in line]
+    assert len(rows) == 4 and all(line.endswith("| True |") for line in rows)

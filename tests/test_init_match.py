@@ -18,7 +18,7 @@ from torch import nn
 
 import tnlayers
 from tnlayers import models
-from tnlayers.layers.layer import TensorizedLayer
+from tnlayers.layers.tensorized import TensorizedLayer
 
 FORMATS = ("tt", "tr", "cp", "tucker")
 NAMED = {("conv", "tt"): tnlayers.TTConv2d, ("conv", "tr"): tnlayers.TRConv2d, ("conv", "cp"): tnlayers.CPConv2d,

@@ -8,7 +8,7 @@ import tnlayers.layers.base
 from tnlayers import TensorizedConv2d, TRConv2d, TTConv2d
 from tnlayers.models import (ShortcutA, TABLE9, cifar_resnet, resnet18, resnet20, resnet32, tr_resnet20, tr_resnet32,
                              tt_resnet18)
-from tnlayers.tensorize import summary, tensorize
+from tnlayers.convert import summary, tensorize
 
 from test_paper_models import TABLE9 as PAPER_TABLE9  # the paper's table, transcribed apart from the package
 TABLE8_MODES = {3: (3,), 16: (4, 2, 2), 32: (4, 4, 2), 64: (4, 4, 4)}  # paper Table 8 channel splits

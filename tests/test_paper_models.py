@@ -9,7 +9,7 @@ from torch import nn
 import tnlayers.layers.base
 from tnlayers import TRConv2d, TTConv2d
 from tnlayers.models import cifar_resnet, resnet18
-from tnlayers.tensorize import tensorize
+from tnlayers.convert import tensorize
 
 # Paper, appendix B, Table 9: TT ranks of TT-ResNet-18 (the 3x3 convs of layer1..layer4)
 TABLE9 = {

@@ -9,7 +9,7 @@ from torch import nn
 
 from tnlayers import TensorizedConv2d, TensorizedLinear, TRConv2d, TTConv2d, TuckerLinear, norm_deviation
 from tnlayers.models import cifar_resnet, resnet18, resnet20, TABLE9
-from tnlayers.tensorize import summary, tensorize, to_dense
+from tnlayers.convert import summary, tensorize, to_dense
 
 
 def rel(a, b):

@@ -2,6 +2,8 @@
 
 Importing tnlayers initializes neither CUDA nor Triton (kernels load lazily).
 """
+import sys
+
 from .formats import FORMATS
 from .groups import core_groups
 from .layers import (CPConv2d, CPLinear, FactorizedTensor, TensorizedConv2d, TensorizedLinear, TRConv2d,
@@ -11,9 +13,16 @@ from . import lr, models, optim, training
 from .optim import BAR, DAS, GSAM, SAM, XSAM
 from .shapes import tensorize_dim
 from .strategy import get_strategy, set_strategy
-from .tensorize import summary, tensorize, to_dense  # the function shadows the submodule, as torchao's quantize_
+from . import compression_report, convert
+from .convert import summary, tensorize, to_dense
 from .adapters import adapt, trainable_parameters
 from .adapters import merge as merge_adapters, unmerge as unmerge_adapters
+
+# tnlayers.tensorize and tnlayers.summary are the functions; their modules are tnlayers.convert and
+# tnlayers.compression_report. The old import paths (`from tnlayers.tensorize import to_dense`) still find
+# those modules, without a module shadowing a function or the other way round.
+sys.modules[__name__ + ".tensorize"] = convert
+sys.modules[__name__ + ".summary"] = compression_report
 
 __version__ = "0.1.0"
 

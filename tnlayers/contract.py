@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .formats.network import Network, einsum_equation, mode_label
-from .pointwise import from_pixels, pixel_map, to_pixels
+from .conv_chain_cpu import from_pixels, pixel_map, to_pixels
 
 __all__ = ["Contraction", "expression", "LinearPlan", "ConvPlan"]
 
@@ -200,7 +200,7 @@ class ConvPlan(_Plan):
 def _pointwise(x: torch.Tensor, matrix: torch.Tensor, bias, channels_last: bool) -> torch.Tensor:
     """1x1 map of (B, C, H, W) by a (C_out, C) matrix, the result in the layout asked for.
 
-    On CPU, from or to NCHW: one batched GEMM over the pixels (:mod:`tnlayers.pointwise`). A factorized layer's
+    On CPU, from or to NCHW: one batched GEMM over the pixels (:mod:`tnlayers.conv_chain_cpu`). A factorized layer's
     fwd+bwd runs 7-20% faster than with oneDNN's 1x1 convs, and the k x k conv gets channels-last input without
     a copy. Not ``torch.matmul``: broadcasting a 2-D matrix, it copies the input to fold the batch, 2-4x
     slower. Channels-last to channels-last, oneDNN's 1x1 conv is ~10% faster than the GEMMs (inference);

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tensorize import tensorize
+from .convert import tensorize
 
 __all__ = ["BasicBlock", "ShortcutA", "CifarResNet", "ResNet", "cifar_resnet", "resnet20", "resnet32",
            "resnet18", "tr_resnet20", "tr_resnet32", "tt_resnet18", "TABLE9"]

@@ -1,4 +1,8 @@
-"""Which modules a per-layer argument names. The rules, written down once (they apply to ``tensorize``'s
+"""Module selection and swapping, shared by the whole-model transformations (``tensorize``/``to_dense`` in
+``convert.py``, ``adapt``/``unadapt`` in ``adapters/model.py``): which modules a per-layer argument names,
+and the tree walk that swaps them (:func:`_swap`, on eager models only: :func:`_check_eager`).
+
+The selection rules, written down once (they apply to ``tensorize``'s
 ``filter``, to ``rank``/``format``/``shapes`` given as a mapping, and to ``adapt``'s ``shapes``):
 
 - keys are module names as ``model.named_modules()`` spells them (``"layer1.0.conv1"``) or glob patterns
@@ -21,6 +25,7 @@ from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from typing import Callable, List, Optional
 
+import torch
 from torch import nn
 
 _SHAPE_KEYS = ("in_shape", "out_shape")
@@ -92,3 +97,29 @@ def _filter_fn(filter, known: List[str]) -> Optional[Callable[[str, nn.Module], 
                         f"glob patterns, got {type(filter).__name__}")
     _check_keys(patterns, known, "filter")
     return lambda name, module: any(name == p or fnmatchcase(name, p) for p in patterns)
+
+
+def _swap(parent: nn.Module, replace: Callable[[str, nn.Module], Optional[nn.Module]], prefix: str = "",
+          done: Optional[dict] = None) -> None:
+    """The tree walk (as torchao's ``quantize_``): each child, by fully-qualified name, is either replaced
+    or walked into. A module shared by several parents is replaced once, by the same new module."""
+    done = {} if done is None else done
+    # _modules, not named_children(): the latter yields a module shared by two slots of one parent only once
+    for child_name, child in list(parent._modules.items()):
+        if child is None:
+            continue
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        if id(child) not in done:
+            done[id(child)] = replace(name, child)
+            if done[id(child)] is None:
+                _swap(child, replace, name, done)
+        if done[id(child)] is not None:
+            setattr(parent, child_name, done[id(child)])
+
+
+def _check_eager(model, what: str) -> None:
+    if isinstance(model, torch.jit.ScriptModule):  # its submodules are compiled: setattr cannot swap them
+        raise TypeError(f"{what} needs an eager nn.Module, got a {type(model).__name__} (TorchScript); a "
+                        f"ScriptModule's submodules can't be swapped: {what} the eager model before scripting")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} expects an nn.Module, got {type(model).__name__}")

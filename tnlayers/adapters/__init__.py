@@ -10,7 +10,7 @@ group, so SAM, DAS and BAR act on them.
 """
 from .conv import Conv2dAdapter
 from .delta import ADAPTER_FORMATS
-from .layer import Adapter
+from .adapter import Adapter
 from .linear import LinearAdapter
 from .model import ParameterCount, adapt, merge, named_adapters, trainable_parameters, unadapt, unmerge
 from .presets import PAPER_PRESETS

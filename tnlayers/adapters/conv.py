@@ -7,7 +7,7 @@ from torch import nn
 
 from ..contract import ConvPlan
 from ..shapes import output_size
-from .layer import Adapter
+from .adapter import Adapter
 
 __all__ = ["Conv2dAdapter"]
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..contract import LinearPlan
-from .layer import Adapter
+from .adapter import Adapter
 
 __all__ = ["LinearAdapter", "is_hf_conv1d"]
 

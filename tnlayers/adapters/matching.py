@@ -24,7 +24,7 @@ from torch import nn
 
 from ..selection import _close_matches_hint, _is_glob
 from .conv import Conv2dAdapter
-from .layer import Adapter
+from .adapter import Adapter
 from .linear import LinearAdapter, is_hf_conv1d
 
 __all__ = ["select_targets", "adapter_class"]

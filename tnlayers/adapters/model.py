@@ -10,10 +10,9 @@ from typing import List, Tuple
 from torch import nn
 
 from .._caller import warn_user
-from ..selection import _SHAPE_KEYS, _PerLayer
+from ..selection import _SHAPE_KEYS, _check_eager, _PerLayer, _swap
 from ..sharing import UNTIE_HINT, module_aliases, tied_parameters
-from ..tensorize import _check_eager, _swap
-from .layer import Adapter, check_adapter_options
+from .adapter import Adapter, check_adapter_options
 from .matching import adapter_class, select_targets
 
 __all__ = ["adapt", "merge", "unmerge", "unadapt", "trainable_parameters", "named_adapters", "ParameterCount"]
@@ -49,7 +48,7 @@ def adapt(model: nn.Module, format: str = "tucker", rank: int = 8, target_module
         shapes: how ΔW's channel dimensions split, per layer as for ``tensorize``: a mapping
             ``{name or glob or "*": {"out_shape": ..., "in_shape": ...}}`` or a callable ``(name, layer) -> dict``.
             LoRETTA on 4096 x 4096: ``{"*": {"out_shape": (4, 4, 16, 16), "in_shape": (16, 16, 4, 4)}}``.
-        strategy: "auto" | "dense" | "factorized" (see ``layer.py``).
+        strategy: "auto" | "dense" | "factorized" (see ``adapter.py``).
         freeze_model: True (as PEFT): every parameter except the adapters' cores stops requiring gradients;
             False: only the wrapped layers are frozen.
         inplace: False deep-copies the model first.

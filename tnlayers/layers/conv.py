@@ -10,7 +10,7 @@ from torch.nn.modules.utils import _pair
 
 from ..contract import ConvPlan
 from ..shapes import as_int, output_size, positive_int
-from .layer import TensorizedLayer
+from .tensorized import TensorizedLayer
 
 __all__ = ["TensorizedConv2d"]
 

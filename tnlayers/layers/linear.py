@@ -7,7 +7,7 @@ from torch import nn
 
 from ..contract import LinearPlan
 from ..shapes import positive_int
-from .layer import TensorizedLayer
+from .tensorized import TensorizedLayer
 
 __all__ = ["TensorizedLinear"]
 

@@ -16,7 +16,7 @@
 All wrap any ``torch.optim`` optimizer (class or instance) and share its param groups and state, so LR
 schedulers, GradScaler and ``state_dict`` work as with the base optimizer.
 """
-from ._common import disable_running_stats
+from .batchnorm import disable_running_stats
 from ._divergence import DivergenceWarning
 from .bar import BAR
 from .das import DAS
@@ -24,7 +24,7 @@ from .dynamics import NormDynamics
 from .gsam import GSAM
 from .hessian import max_hessian_eigenvalue, top_eigenvector
 from .sam import SAM
-from .train_step import training_step
+from .passes import training_step
 from .xsam import XSAM
 
 __all__ = ["SAM", "XSAM", "GSAM", "DAS", "BAR", "NormDynamics", "disable_running_stats", "training_step",

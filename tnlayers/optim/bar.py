@@ -8,8 +8,9 @@ from typing import Callable, List, Optional, Union
 
 import torch
 
-from ._common import alpha_at, check_choice
-from ._cores import CoreLayout, CoreScalingOptimizer
+from .alpha_schedule import alpha_at
+from .core_scaling import CoreLayout, CoreScalingOptimizer
+from .validation import check_choice
 
 __all__ = ["BAR"]
 

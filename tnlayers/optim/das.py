@@ -9,10 +9,10 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ._common import check_choice
 from ..kernels import triton_available
-from ._cores import CoreIndex, CoreLayout, CoreScalingOptimizer
-from ._fused import FusedDASStep
+from .core_scaling import CoreIndex, CoreLayout, CoreScalingOptimizer
+from .das_fused import FusedDASStep
+from .validation import check_choice
 
 __all__ = ["DAS"]
 

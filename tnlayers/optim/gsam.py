@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_non_negative
+from .validation import check_non_negative
 from .hessian import dot
 from .sam import SAM
 

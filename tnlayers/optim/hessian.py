@@ -17,8 +17,8 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
-from ._common import disable_running_stats
-from ._cores import stat_dtype
+from .batchnorm import disable_running_stats
+from .core_scaling import stat_dtype
 
 __all__ = ["HessianOperator", "Eigenpair", "power_iteration", "top_eigenvector", "max_hessian_eigenvalue"]
 

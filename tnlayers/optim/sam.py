@@ -11,8 +11,9 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from ._common import WrappedOptimizer, check_non_negative
-from ._cores import stat_dtype
+from .core_scaling import stat_dtype
+from .validation import check_non_negative
+from .wrapper import WrappedOptimizer
 
 __all__ = ["SAM"]
 

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from ._common import check_non_negative
+from .validation import check_non_negative
 from .hessian import HessianOperator, check_positive_int, dot, power_iteration, random_unit_vector
 from .sam import SAM
 

@@ -1,4 +1,7 @@
-"""One optimizer step of any of our optimizers, written once for the examples and the demo."""
+"""How a training loop drives the optimizers' passes: :func:`training_step` runs one step of any of them
+(one forward/backward for DAS, BAR and a plain optimizer; SAM's two, the second with BatchNorm statistics
+frozen; X-SAM's power iteration on its eigen-update steps), written once for the examples and the demo.
+(Checkpointing a run is ``tnlayers/training.py``.)"""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ._common import disable_running_stats
+from .batchnorm import disable_running_stats
 from .sam import SAM
 from .xsam import XSAM
 

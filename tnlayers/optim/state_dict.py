@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Any, List, Mapping, Optional, Tuple
 
-from ._common import EXTRA_STATE_KEY, KIND_KEY
+# Key under which a wrapper's own counters travel inside the base optimizer's state_dict.
+EXTRA_STATE_KEY = "tnlayers"
+# Key naming the optimizer kind that saved a state_dict ({"optimizer": "DAS", "base_optimizer": "SGD"}).
+KIND_KEY = "tnlayers_kind"
 
 # The per-group options of every tnlayers wrapper, to tell their state_dicts from plain torch.optim ones.
 WRAPPER_OPTIONS = {"rho": "SAM, GSAM or XSAM", "alpha": "DAS or BAR"}

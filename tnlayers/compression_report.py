@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .layers.layer import TensorizedLayer
+from .layers.tensorized import TensorizedLayer
 from .metrics import norm_deviation
 
 __all__ = ["summary", "Summary", "size_change"]

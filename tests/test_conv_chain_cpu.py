@@ -1,4 +1,4 @@
-"""The 1x1 maps of the factorized conv chain (tnlayers.pointwise) against a 1x1 ``F.conv2d``, in every pair of
+"""The 1x1 maps of the factorized conv chain (tnlayers.conv_chain_cpu) against a 1x1 ``F.conv2d``, in every pair of
 memory layouts: values, first and second-order gradients, and the layout each gradient comes back in."""
 import itertools
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tnlayers
-from tnlayers.pointwise import from_pixels, pixel_map, to_pixels
+from tnlayers.conv_chain_cpu import from_pixels, pixel_map, to_pixels
 
 from _references import conv_weight
 

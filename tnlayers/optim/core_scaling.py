@@ -23,7 +23,9 @@ import torch
 
 from ..groups import INDEX_ATTR, SIZE_ATTR, group_of
 from .._caller import user_stacklevel
-from ._common import WrappedOptimizer, alpha_at, check_non_negative, check_schedule, split_alpha
+from .alpha_schedule import alpha_at, check_schedule, split_alpha
+from .validation import check_non_negative
+from .wrapper import WrappedOptimizer
 
 
 def stat_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:

@@ -2,7 +2,7 @@
 (what was tensorized, and what it saves) and ``to_dense`` (back to plain layers, for export).
 
 The per-layer arguments (``filter``, and ``rank``/``format``/``shapes`` given as a mapping) follow the
-matching rules of ``tnlayers/selection.py``; by default the classifier stays dense (``tnlayers/classifier.py``).
+matching rules of ``tnlayers/selection.py`` (which also holds the module swap that ``adapt`` shares); by default the classifier stays dense (``tnlayers/classifier.py``).
 """
 from __future__ import annotations
 
@@ -11,22 +11,23 @@ import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from ._caller import warn_user
+from .adapters.adapter import Adapter
 from .classifier import default_classifier
 from .formats import get_format
 from .layers import (CPConv2d, CPLinear, TensorizedConv2d, TensorizedLinear, TRConv2d, TRLinear, TTConv2d,
                      TTLinear, TuckerConv2d, TuckerLinear)
 from .layers.base import check_decomposition_options, check_tensor_values
-from .layers.layer import STRATEGIES, TensorizedLayer
-from .selection import _SHAPE_KEYS, _filter_fn, _PerLayer
+from .layers.tensorized import STRATEGIES, TensorizedLayer
+from .selection import _SHAPE_KEYS, _check_eager, _filter_fn, _PerLayer, _swap
 from .sharing import UNTIE_HINT, module_aliases, tied_parameters
-from .summary import Summary, summary
+from .compression_report import Summary, summary
 
 __all__ = ["tensorize", "summary", "to_dense", "TYPE_MAP", "Summary"]
 
@@ -133,8 +134,6 @@ def _plan(model: nn.Module, format, rank, filter, shapes, example_inputs=None):
     elif example_inputs is not None:
         raise ValueError("example_inputs= only finds the classifier that the default selection keeps dense; with "
                          "filter= or a rank/format mapping without '*' the selection is yours: drop example_inputs")
-    from .adapters.layer import Adapter  # (here: the adapters package imports this module)
-
     adapters = tuple(n + "." for n, m in model.named_modules() if isinstance(m, Adapter))
     tied = tied_parameters(model, [(m, names) for m, names in modules if not isinstance(m, TensorizedLayer)])
     plans, left_dense, already = {}, [], []
@@ -206,32 +205,6 @@ def _copy_bias(layer: TensorizedLayer, module: nn.Module) -> None:
     """A dense bias is kept as it is: it is not factorized, so the new layer can hold it exactly."""
     if module.bias is not None:
         layer.bias.copy_(module.bias)
-
-
-def _swap(parent: nn.Module, replace: Callable[[str, nn.Module], Optional[nn.Module]], prefix: str = "",
-          done: Optional[dict] = None) -> None:
-    """The tree walk (as torchao's ``quantize_``): each child, by fully-qualified name, is either replaced
-    or walked into. A module shared by several parents is replaced once, by the same new module."""
-    done = {} if done is None else done
-    # _modules, not named_children(): the latter yields a module shared by two slots of one parent only once
-    for child_name, child in list(parent._modules.items()):
-        if child is None:
-            continue
-        name = f"{prefix}.{child_name}" if prefix else child_name
-        if id(child) not in done:
-            done[id(child)] = replace(name, child)
-            if done[id(child)] is None:
-                _swap(child, replace, name, done)
-        if done[id(child)] is not None:
-            setattr(parent, child_name, done[id(child)])
-
-
-def _check_eager(model, what: str) -> None:
-    if isinstance(model, torch.jit.ScriptModule):  # its submodules are compiled: setattr cannot swap them
-        raise TypeError(f"{what} needs an eager nn.Module, got a {type(model).__name__} (TorchScript); a "
-                        f"ScriptModule's submodules can't be swapped: {what} the eager model before scripting")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{what} expects an nn.Module, got {type(model).__name__}")
 
 
 def _nothing_to_do(already: List[str]) -> str:

@@ -1,79 +1,21 @@
-"""Plumbing shared by the optimizer wrappers: argument checks, alpha schedules, the base-optimizer wrapper
-and the BatchNorm helper.
+"""The base-optimizer wrapper every optimizer here is built on: :class:`WrappedOptimizer`.
 
 The wrappers follow one pattern (davda54/sam, timm Lookahead): the wrapper *is* a ``torch.optim.Optimizer``
 whose ``param_groups`` and ``state`` are the base optimizer's own objects. LR schedulers, ``zero_grad`` and
-GradScaler therefore see a single list of groups, and a checkpoint holds a single state.
+GradScaler therefore see a single list of groups, and a checkpoint holds a single state (``state_dict.py``).
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
-import math
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Dict
 
 import torch
-from torch import nn
 
 from ._divergence import DivergenceWatch
+from .state_dict import EXTRA_STATE_KEY, KIND_KEY, check_state_dict
+from .validation import check_base_compatible, check_not_meta, resolve_base_optimizer
 
-__all__ = ["disable_running_stats"]
-
-ALPHA_SCHEDULES = ("constant", "linear", "cosine")
-# Key under which a wrapper's own counters travel inside the base optimizer's state_dict.
-EXTRA_STATE_KEY = "tnlayers"
-# Key naming the optimizer kind that saved a state_dict ({"optimizer": "DAS", "base_optimizer": "SGD"}).
-KIND_KEY = "tnlayers_kind"
-
-
-def check_non_negative(name: str, value: Any) -> float:
-    """``value`` as a float, or a ValueError/TypeError that names the argument."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def check_choice(name: str, value: Any, choices) -> str:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
-    return value
-
-
-def check_schedule(schedule: str, total_steps: Optional[int]) -> None:
-    check_choice("alpha_schedule", schedule, ALPHA_SCHEDULES)
-    if schedule != "constant":
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
-            raise ValueError(f"alpha_schedule={schedule!r} needs total_steps, a positive int; got {total_steps!r}")
-
-
-def schedule_factor(schedule: str, step: int, total_steps: Optional[int]) -> float:
-    """Multiplier of alpha at ``step`` (0-based): 1 at step 0, decaying to 0 at ``total_steps`` (no warm-up,
-    as in the DAS authors' released code), and 0 after it."""
-    if schedule == "constant":
-        return 1.0
-    progress = min(step, total_steps) / total_steps
-    if schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def resolve_base_optimizer(base_optimizer: Any, base_kwargs: Dict[str, Any]) -> str:
-    """``"class"`` or ``"instance"``; a TypeError naming ``base_optimizer`` for anything else."""
-    if isinstance(base_optimizer, torch.optim.Optimizer):
-        if base_kwargs:
-            raise TypeError(
-                "base_optimizer is an already-built optimizer, so the keyword arguments "
-                f"{sorted(base_kwargs)} would be ignored; pass the optimizer class instead"
-            )
-        return "instance"
-    if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
-        return "class"
-    raise TypeError(
-        "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) or an instance of one, "
-        f"got {base_optimizer!r}"
-    )
+__all__ = ["WrappedOptimizer"]
 
 
 def _param_ids(params) -> set:
@@ -87,43 +29,6 @@ def _param_ids(params) -> set:
         else:
             ids.add(id(item))
     return ids
-
-
-def _needs_closure(optimizer_class: type) -> bool:
-    """Whether ``optimizer_class.step`` has a required ``closure`` (torch.optim.LBFGS)."""
-    try:
-        closure = inspect.signature(optimizer_class.step).parameters.get("closure")
-    except (TypeError, ValueError):
-        return False
-    return closure is not None and closure.default is inspect.Parameter.empty
-
-
-def check_base_compatible(wrapper: str, base_class: type, base_defaults: Dict[str, Any],
-                          wrapper_defaults: Dict[str, Any]) -> None:
-    """Refuse base optimizers the wrapper would silently misuse (a TypeError/ValueError naming both)."""
-    if _needs_closure(base_class):
-        raise TypeError(
-            f"base_optimizer {base_class.__name__} needs a closure in step() (it re-evaluates the loss several "
-            f"times per step), but {wrapper} calls the base optimizer's step() without one after its own work; "
-            "use a first-order optimizer such as torch.optim.SGD or torch.optim.AdamW")
-    # The wrapper's options live in the same param-group dicts as the base optimizer's hyper-parameters.
-    shared = sorted(set(wrapper_defaults) & set(base_defaults))
-    if shared:
-        raise ValueError(
-            f"{wrapper}'s per-group option {shared[0]!r} has the same name as a hyper-parameter of "
-            f"{base_class.__name__} ({shared[0]}={base_defaults[shared[0]]!r}), so both would read one value; "
-            f"{wrapper} cannot wrap {base_class.__name__}")
-
-
-def check_not_meta(wrapper: str, params) -> None:
-    """Parameters on the meta device hold no values, and materializing the model (``to_empty``) replaces
-    them: an optimizer built on them would never update the real parameters."""
-    meta = [p for p in params if p.is_meta]
-    if meta:
-        raise ValueError(
-            f"{wrapper}: {len(meta)} of the {len(params)} parameters given are on the meta device; materialize "
-            "the model first (model.to_empty(device=...), then reset_parameters() or load a checkpoint) and "
-            "build the optimizer on its parameters afterwards (to_empty() replaces the parameter objects)")
 
 
 class WrappedOptimizer(torch.optim.Optimizer):
@@ -230,8 +135,6 @@ class WrappedOptimizer(torch.optim.Optimizer):
         optimizer: saved by another kind (``"state_dict was saved by SAM(SGD) but this optimizer is
         DAS(SGD)"``), a plain ``torch.optim`` optimizer's, other param groups, bad options or extra state.
         Changes nothing; :meth:`load_state_dict` runs it first."""
-        from ._state import check_state_dict
-
         check_state_dict(self, state_dict)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -261,46 +164,3 @@ def _class_defaults(optimizer_class: type) -> Dict[str, Any]:
         return {}
     return {name: p.default for name, p in parameters.items()
             if name not in ("self", "params") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-
-
-def batchnorm_modules(model: nn.Module) -> Iterator[nn.modules.batchnorm._BatchNorm]:
-    return (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-
-
-@contextlib.contextmanager
-def disable_running_stats(model: nn.Module):
-    """Within the block, BatchNorm layers of ``model`` normalize with batch statistics but leave
-    ``running_mean``, ``running_var`` and ``num_batches_tracked`` untouched.
-
-    Use it around SAM's second forward pass, so each step updates the running statistics once, from the
-    unperturbed weights. (Setting momentum to 0, the common trick, still counts the batch in
-    ``num_batches_tracked`` and breaks ``momentum=None``; not tracking for the pass does neither.)
-    """
-    modules = [m for m in batchnorm_modules(model) if m.track_running_stats]
-    for module in modules:
-        module.track_running_stats = False
-    try:
-        yield model
-    finally:
-        for module in modules:
-            module.track_running_stats = True
-
-
-AlphaLike = Any  # float or Callable[[int], float]
-
-
-def split_alpha(alpha: AlphaLike, alpha_schedule: str) -> tuple:
-    """``(group_default, alpha_fn)``: a float alpha is a per-group default, a callable one is global."""
-    if callable(alpha):
-        if alpha_schedule != "constant":
-            raise ValueError("alpha is a callable (its own schedule); alpha_schedule must then be 'constant'")
-        return None, alpha
-    return check_non_negative("alpha", alpha), None
-
-
-def alpha_at(group_alpha: Optional[float], alpha_fn: Optional[Callable[[int], float]], schedule: str,
-             step: int, total_steps: Optional[int]) -> float:
-    """The alpha one param group uses at ``step``."""
-    if group_alpha is None:
-        return check_non_negative(f"alpha({step})", alpha_fn(step))
-    return group_alpha * schedule_factor(schedule, step, total_steps)

@@ -1,0 +1,80 @@
+"""Argument checks shared by the optimizer wrappers: numbers and choices, and which base optimizers a
+wrapper can drive (an error names the argument and says what to pass instead)."""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Dict
+
+import torch
+
+__all__ = ["check_non_negative", "check_choice", "resolve_base_optimizer", "check_base_compatible", "check_not_meta"]
+
+
+def check_non_negative(name: str, value: Any) -> float:
+    """``value`` as a float, or a ValueError/TypeError that names the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value: Any, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def resolve_base_optimizer(base_optimizer: Any, base_kwargs: Dict[str, Any]) -> str:
+    """``"class"`` or ``"instance"``; a TypeError naming ``base_optimizer`` for anything else."""
+    if isinstance(base_optimizer, torch.optim.Optimizer):
+        if base_kwargs:
+            raise TypeError(
+                "base_optimizer is an already-built optimizer, so the keyword arguments "
+                f"{sorted(base_kwargs)} would be ignored; pass the optimizer class instead"
+            )
+        return "instance"
+    if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+        return "class"
+    raise TypeError(
+        "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) or an instance of one, "
+        f"got {base_optimizer!r}"
+    )
+
+
+def _needs_closure(optimizer_class: type) -> bool:
+    """Whether ``optimizer_class.step`` has a required ``closure`` (torch.optim.LBFGS)."""
+    try:
+        closure = inspect.signature(optimizer_class.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
+def check_base_compatible(wrapper: str, base_class: type, base_defaults: Dict[str, Any],
+                          wrapper_defaults: Dict[str, Any]) -> None:
+    """Refuse base optimizers the wrapper would silently misuse (a TypeError/ValueError naming both)."""
+    if _needs_closure(base_class):
+        raise TypeError(
+            f"base_optimizer {base_class.__name__} needs a closure in step() (it re-evaluates the loss several "
+            f"times per step), but {wrapper} calls the base optimizer's step() without one after its own work; "
+            "use a first-order optimizer such as torch.optim.SGD or torch.optim.AdamW")
+    # The wrapper's options live in the same param-group dicts as the base optimizer's hyper-parameters.
+    shared = sorted(set(wrapper_defaults) & set(base_defaults))
+    if shared:
+        raise ValueError(
+            f"{wrapper}'s per-group option {shared[0]!r} has the same name as a hyper-parameter of "
+            f"{base_class.__name__} ({shared[0]}={base_defaults[shared[0]]!r}), so both would read one value; "
+            f"{wrapper} cannot wrap {base_class.__name__}")
+
+
+def check_not_meta(wrapper: str, params) -> None:
+    """Parameters on the meta device hold no values, and materializing the model (``to_empty``) replaces
+    them: an optimizer built on them would never update the real parameters."""
+    meta = [p for p in params if p.is_meta]
+    if meta:
+        raise ValueError(
+            f"{wrapper}: {len(meta)} of the {len(params)} parameters given are on the meta device; materialize "
+            "the model first (model.to_empty(device=...), then reset_parameters() or load a checkpoint) and "
+            "build the optimizer on its parameters afterwards (to_empty() replaces the parameter objects)")
