@@ -121,7 +121,9 @@ BASES = [
     (torch.optim.SGD, dict(lr=0.1, momentum=0.8, dampening=0.1), UPDATE_SGD),
     (torch.optim.SGD, dict(lr=0.1), UPDATE_SGD),
     (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05), UPDATE_ADAMW),
-    (torch.optim.Adam, dict(lr=0.01), UPDATE_NONE),
+    (torch.optim.Adam, dict(lr=0.01), UPDATE_ADAMW),  # no weight decay: AdamW's update
+    (torch.optim.Adam, dict(lr=0.01, weight_decay=0.05), UPDATE_NONE),  # coupled weight decay: not fused
+    (torch.optim.Adagrad, dict(lr=0.01), UPDATE_NONE),  # not SGD/Adam/AdamW: rescale fused, its own step
 ]
 
 

@@ -109,7 +109,9 @@ def test_rebalancing_changes_the_ratio_but_not_the_remedy():
        target=st.sampled_from([0.5, 1.0, 2.0]))
 def test_param_groups_match_a_dense_step_at_init(fmt, kind, rank, seed, target):
     """With the multipliers, a hand-made SGD step on the cores moves W by target x a dense step (root mean
-    square over 32 fresh Gaussian gradients, within 15%), for every format, shape, rank."""
+    square over 128 fresh Gaussian gradients, within 15%), for every format, shape, rank. On a tiny layer one
+    gradient's ratio spreads ~30%: 128 samples here and up to 256 probes in param_groups keep the two estimates'
+    combined error near 4%, so 15% is about 4 standard errors."""
     layer = make(kind, fmt, rank, seed)
     groups = param_groups(layer, lr=0.1, target=target, seed=seed)
     m = [g["lr_multiplier"] for g in groups if "lr_multiplier" in g]
@@ -117,8 +119,8 @@ def test_param_groups_match_a_dense_step_at_init(fmt, kind, rank, seed, target):
     assert all(g["lr"] == pytest.approx(0.1 * g.get("lr_multiplier", 1.0)) for g in groups)
     gen = torch.Generator().manual_seed(seed + 1)
     ratios = [manual_sgd_ratio(layer, torch.randn(layer.network.modes, generator=gen, dtype=torch.float64), 1e-5, m)
-              for _ in range(32)]
-    assert math.sqrt(sum(r * r for r in ratios) / 32) == pytest.approx(target, rel=0.15)
+              for _ in range(128)]
+    assert math.sqrt(sum(r * r for r in ratios) / 128) == pytest.approx(target, rel=0.15)
 
 
 def test_param_groups_cover_every_parameter_once_and_pass_options():

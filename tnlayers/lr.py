@@ -12,7 +12,7 @@ from 0.3 to beyond 10 over common layers. :func:`param_groups` picks
 
     m_k = c · ‖G_k‖² / ‖W‖²,   c such that ρ = ``target`` for a random Gaussian G,
 
-measured once per layer as the root mean square over 8-64 Gaussian probes (first order, exactly: per probe
+measured once per layer as the root mean square over 8-256 Gaussian probes (first order, exactly: per probe
 one backward and K forward contractions of the layer's network). ‖G_k‖²/‖W‖² undoes the scaling of J_k J_kᵀ (so the multipliers
 follow any rebalancing of the cores), c sets the overall size.
 
@@ -87,8 +87,9 @@ def core_lr_multipliers(module: nn.Module, target: float = 1.0, seed: int = 0,
     """The multipliers m_k = c · ‖G_k‖²/‖W‖² of ``module``'s cores (see the module docstring), or ``None``
     when they are undefined: W or a core is zero (a zero-initialized adapter update) or not finite. c makes
     the root mean square of the ratio over ``probes`` Gaussian gradients equal ``target`` (default: 20000 /
-    number of core entries, clamped to 8..64: one probe's ratio varies by up to 2x on a layer of a hundred
-    core entries, by a few % on thousands; the mean square is what a random G sees on average)."""
+    number of core entries, clamped to 8..256: one probe's ratio varies by ~30% (std/mean) on a layer of a
+    hundred core entries, by a few % on thousands, so tiny layers need the most probes to pin the mean square
+    down to ~2%; the mean square is what a random G sees on average)."""
     target = _check_positive("target", target)
     network = module.network
     with torch.no_grad():
@@ -99,7 +100,7 @@ def core_lr_multipliers(module: nn.Module, target: float = 1.0, seed: int = 0,
         return None
     base = [x / w2 for x in s]
     if probes is None:
-        probes = min(64, max(8, math.ceil(20000 / sum(c.numel() for c in cores))))
+        probes = min(256, max(8, math.ceil(20000 / sum(c.numel() for c in cores))))
     generator = torch.Generator().manual_seed(seed)
     rho = math.sqrt(sum(step_ratio(module, multipliers=base, generator=generator) ** 2 for _ in range(probes)) / probes)
     if not (math.isfinite(rho) and rho > 0):

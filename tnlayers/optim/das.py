@@ -63,9 +63,12 @@ class DAS(CoreScalingOptimizer):
         alpha_schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` decay of α from its value at step 0
             to 0 at ``total_steps`` (no warm-up, as the released code).
         backend: ``"torch"``: vectorized torch ops (``_foreach``); ``"triton"``: two fused kernel launches
-            per step (reduction, then rescale fused with an SGD/AdamW update; other base optimizers get the
-            rescale fused and their own step), on CUDA tensors or, for tests, CPU tensors under
-            ``TRITON_INTERPRET=1``; ``"auto"``: triton for CUDA cores when triton is installed, else torch.
+            per step (reduction, then rescale fused with an SGD/Adam/AdamW update whose options the kernels
+            implement, ``das_fused.FUSABLE``; other base optimizers, and SGD/Adam/AdamW with other options
+            (one warning naming the option), get the rescale fused and their own step), on CUDA tensors or,
+            for tests, CPU tensors under ``TRITON_INTERPRET=1``; it raises where the kernels cannot run
+            (another dtype, per-group learning rates or alphas over the cores); ``"auto"``: triton for CUDA
+            cores when triton is installed and the kernels can run, else torch, silently.
         max_scale: the factor 1 + λ_k of one step is kept within [1/max_scale, max_scale] (default 1e4), so
             a core whose norm is tiny next to its gradient cannot jump by ten orders of magnitude, and no
             core is zeroed or flips sign (1 + λ ≤ 0), in one step. The default is not active at the paper's
@@ -135,10 +138,19 @@ class DAS(CoreScalingOptimizer):
                 raise RuntimeError(f"DAS backend='triton' needs {reason}; use backend='torch' or 'auto'")
             return False  # auto: CPU tensors, float64 cores, ...
         step_size = self._step_sizes(layout)
+        self._refuse_per_group_step_sizes(step_size)
         self.last_lambdas = None
         if isinstance(step_size, float) and step_size == 0.0:
             return False  # alpha or lr is 0: the torch path leaves the cores bit-for-bit untouched
         return self._fused(self, layout, step_size)
+
+    def _refuse_per_group_step_sizes(self, step_size) -> None:
+        """The kernels take one step size α·lr: per-group ones take the torch path, which backend='triton'
+        does not allow."""
+        if self.backend == "triton" and isinstance(step_size, torch.Tensor):
+            raise RuntimeError("DAS backend='triton' needs one learning rate and one alpha over the cores' param "
+                               "groups (the kernels take one step size alpha*lr; these groups differ); use "
+                               "backend='torch' or 'auto'")
 
     def _fused_sharded_step(self, layout: CoreLayout) -> bool:
         """DTensor cores through the kernels, on each rank's local shards: the reduction kernel, one all-reduce
@@ -153,6 +165,7 @@ class DAS(CoreScalingOptimizer):
                 raise RuntimeError(f"DAS backend='triton' needs {reason}; use backend='torch' or 'auto'")
             return False
         step_size = self._step_sizes(layout)
+        self._refuse_per_group_step_sizes(step_size)
         self.last_lambdas = None
         if isinstance(step_size, torch.Tensor) or step_size == 0.0:
             return False  # per-group step sizes, or nothing to rescale: the torch path
