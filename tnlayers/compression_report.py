@@ -3,7 +3,6 @@ the Conv/Linear layers left dense, and the totals. A layer (or model) that got l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from math import prod
 from typing import List
 
 import torch
@@ -87,7 +86,7 @@ class Summary:
 def _row(name: str, layer: TensorizedLayer) -> dict:
     bias = 0 if layer.bias is None else layer.bias.numel()
     params = layer.network.num_params + bias
-    dense = prod(layer._weight_shape()) + bias  # from the shapes: what nn.Conv2d/nn.Linear would hold
+    dense = layer.dense_params  # what nn.Conv2d/nn.Linear would hold, bias included
     return dict(name=name or "<model>", format=layer.format, shape=tuple(layer.network.modes), ranks=layer.ranks,
                 params=params, dense_params=dense, compression=dense / params,
                 error=getattr(layer, "decomposition_error", None),

@@ -2,7 +2,8 @@
 (what was tensorized, and what it saves) and ``to_dense`` (back to plain layers, for export).
 
 The per-layer arguments (``filter``, and ``rank``/``format``/``shapes`` given as a mapping) follow the
-matching rules of ``tnlayers/selection.py`` (which also holds the module swap that ``adapt`` shares); by default the classifier stays dense (``tnlayers/classifier.py``).
+matching rules of ``tnlayers/selection.py`` (which also holds the module swap that ``adapt`` shares); by
+default the classifier stays dense (``tnlayers/classifier.py``).
 """
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ def _choice(name: str, module: nn.Module, select, selecting, format_opt, rank_op
 def _one_choice(names: List[str], choices: list):
     """A module registered under several names is one layer: every name must ask for the same thing."""
     if any(repr(c) != repr(choices[0]) for c in choices[1:]):
-        asked = {n: ("left as it is" if c is None else f"format {c[0]!r}, rank {c[1]!r}") for n, c in zip(names, choices)}
+        asked = {n: ("left as it is" if c is None else f"format {c[0]!r}, rank {c[1]!r}")
+                 for n, c in zip(names, choices)}
         raise ValueError(f"one module is registered as {names}, and the arguments treat its names differently "
                          f"({asked}); it is one layer, tensorized once for all its places: give all its names the "
                          f"same setting, or give each place its own module (copy.deepcopy) first")
@@ -110,9 +112,9 @@ def _check_formats(already: List[Tuple[str, str, str]]) -> None:
     other = [(n, have, want) for n, have, want in already if have != want]
     if other:
         listed = "; ".join(f"{n or '<model>'!r} is format {have!r}, asked {want!r}" for n, have, want in other[:5])
-        raise ValueError(f"tensorize: {len(other)} selected layer(s) are already tensorized in another format ({listed}); "
-                         f"tensorize does not convert between formats: call tnlayers.to_dense(model) first, then "
-                         f"tensorize(model, ..., init='decompose') to start from the current weights")
+        raise ValueError(f"tensorize: {len(other)} selected layer(s) are already tensorized in another format "
+                         f"({listed}); tensorize does not convert between formats: call tnlayers.to_dense(model) "
+                         f"first, then tensorize(model, ..., init='decompose') to start from the current weights")
 
 
 def _plan(model: nn.Module, format, rank, filter, shapes, example_inputs=None):

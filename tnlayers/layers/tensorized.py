@@ -16,9 +16,9 @@ from ..formats.network import mode_label
 from ..init import check_weight_std, init_cores_, resolve_weight_std
 from ..shapes import optional_shape, resolve_rank
 from ..strategy import STRATEGIES, check_strategy, choose, get_strategy
-from .weight_cache import snapshot, unchanged
 from .base import (CoreModule, build_network, check_decomposition_options, check_tensor_values,
                    warn_if_larger_than_dense)
+from .weight_cache import snapshot, unchanged
 
 __all__ = ["TensorizedLayer", "STRATEGIES"]
 
@@ -51,14 +51,14 @@ class TensorizedLayer(CoreModule):
         modes = self.in_shape + spatial + self.out_shape
         roles = ("in",) * len(self.in_shape) + ("spatial",) * len(spatial) + ("out",) * len(self.out_shape)
         self.fan_in = in_dim * prod(kernel)
-        dense_weight = in_dim * out_dim * prod(kernel)
-        self.dense_params = dense_weight + (out_dim if bias else 0)
+        dense_weight, bias_params = in_dim * out_dim * prod(kernel), (out_dim if bias else 0)
+        self.dense_params = dense_weight + bias_params
         dense_name = f"dense nn.{'Linear' if self.KIND == 'linear' else 'Conv2d'}"
         rank = resolve_rank(rank, lambda r: fmt.network(modes, fmt.layer_rank(r, roles)).num_params,
                             dense_weight, where=f" for {type(self).__name__}")
         net = build_network(fmt, modes, rank, roles, self.dense_params, dense_name)
-        warn_if_larger_than_dense(type(self).__name__, net, net.num_params + (out_dim if bias else 0),
-                                  self.dense_params, dense_name)
+        warn_if_larger_than_dense(type(self).__name__, net, net.num_params + bias_params, self.dense_params,
+                                  dense_name)
         self._init_cores(net, device, dtype)
         self.roles = roles
         self.strategy = strategy
@@ -230,4 +230,3 @@ class TensorizedLayer(CoreModule):
     def extra_repr(self) -> str:
         return (f"format={self.format!r}, ranks={self.ranks}, in_shape={self.in_shape}, out_shape={self.out_shape}, "
                 f"strategy={self.strategy!r}")
-

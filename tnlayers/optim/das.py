@@ -46,7 +46,8 @@ class DAS(CoreScalingOptimizer):
     then the base optimizer steps with the unchanged gradients. s_k = ||G_k||², γ_k = ||g_k||², η is the
     current ``lr`` of the core's param group. Cores with a large gradient norm grow and small ones shrink,
     which is the first-order effect SAM has on the norm deviation Q (Theorem 3); one forward/backward per
-    step. Derivation and the differences from the paper: docs/design.md, 'DAS: deviation-aware scaling'. Parameters that are not cores (biases, BatchNorm, dense layers) only take the base step.
+    step. Derivation and the differences from the paper: docs/design.md, 'DAS: deviation-aware scaling'.
+    Parameters that are not cores (biases, BatchNorm, dense layers) only take the base step.
 
     Args:
         params: ``model.parameters()`` (core groups are recognized by the markers the tnlayers layers set)

@@ -5,8 +5,9 @@ G ← (1+λ)G fused with the base optimizer's update of the cores when that opti
 ``torch.optim.AdamW`` or ``torch.optim.Adam`` whose options are all in ``FUSABLE`` with values the kernels
 implement, one set of them over the cores' param groups, and its state already created (its first step
 runs unfused, which creates the state). Otherwise the kernel rescales only and the base optimizer's own
-step follows (with backend="triton", one warning per reason names the option that prevents fusion). Non-core parameters always take the base step: the cores'
-gradients are hidden from it for that call, so it skips them.
+step follows (with backend="triton", one warning per reason names the option that prevents fusion).
+Non-core parameters always take the base step: the cores' gradients are hidden from it for that call, so
+it skips them.
 Design notes: docs/design.md, 'Triton kernels for DAS'.
 """
 from __future__ import annotations
@@ -70,6 +71,7 @@ def unfusable_options(base: torch.optim.Optimizer, used_groups) -> Optional[str]
         return "AdamW option decoupled_weight_decay=True"
     return None
 
+
 def triton_usable(device: torch.device, interpreter_ok: bool) -> bool:
     """The kernels run on CUDA tensors, and (when asked for explicitly) on CPU tensors under the Triton
     interpreter; "auto" never picks the interpreter, which is for tests."""
@@ -78,13 +80,14 @@ def triton_usable(device: torch.device, interpreter_ok: bool) -> bool:
     return device.type == "cuda" or (interpreter_ok and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _base_update(base: torch.optim.Optimizer, layout) -> Tuple[str, dict, list, list, int]:
-    """(kind, hyper-parameters, state a, state b, Adam step) of the update the kernel can fuse."""
+def _base_update(base: torch.optim.Optimizer, layout, used, unfusable: Optional[str]
+                 ) -> Tuple[str, dict, list, list, int]:
+    """(kind, hyper-parameters, state a, state b, Adam step) of the update the kernel fuses; none when
+    ``unfusable`` (``unfusable_options`` of ``base`` over the param groups ``used``) gives a reason."""
     from ..kernels.das_triton import UPDATE_ADAMW, UPDATE_NONE, UPDATE_SGD
 
-    used = sorted(set(layout.param_group_list))
     none = (UPDATE_NONE, {}, [], [], 0)
-    if unfusable_options(base, used) is not None:
+    if unfusable is not None:
         return none
     group = base.param_groups[used[0]]
     options = {k: group[k] for k in FUSABLE[type(base)]["read"]}
@@ -107,6 +110,7 @@ def _base_update(base: torch.optim.Optimizer, layout) -> Tuple[str, dict, list, 
     options["steps"] = steps
     return UPDATE_ADAMW, options, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], \
         int(counts[0]) + 1
+
 
 class FusedDASStep:
     """Plans (pointer tables) per core layout; ``__call__`` does a whole DAS step, or returns False when
@@ -139,18 +143,18 @@ class FusedDASStep:
         if isinstance(step_size, torch.Tensor):
             return False  # learning rates or alphas differ between the cores' param groups: torch path
         base = das.base_optimizer
-        if das.backend == "triton" and type(base) in FUSABLE:
-            reason = unfusable_options(base, sorted(set(layout.param_group_list)))
-            if reason is not None and reason not in self._warned:
-                self._warned.add(reason)
-                warn_user(f"DAS backend='triton': the base optimizer's update is not fused (the kernels need "
-                          f"{reason}); the kernels rescale the cores and {type(base).__name__}'s own step follows")
+        used = sorted(set(layout.param_group_list))
+        reason = unfusable_options(base, used)
+        if reason is not None and das.backend == "triton" and type(base) in FUSABLE and reason not in self._warned:
+            self._warned.add(reason)
+            warn_user(f"DAS backend='triton': the base optimizer's update is not fused (the kernels need "
+                      f"{reason}); the kernels rescale the cores and {type(base).__name__}'s own step follows")
         plan = self._plans.get(layout)
         if plan is None:
             plan = self._plans[layout] = FusedDASPlan(layout.cores, layout.segment, layout.counts)
         cores = layout.cores
         grads = [c.grad for c in cores]
-        kind, options, state_a, state_b, adam_step = _base_update(base, layout)
+        kind, options, state_a, state_b, adam_step = _base_update(base, layout, used, reason)
         stats = plan.reduce(cores, grads)
         hyper = {}
         if kind != UPDATE_NONE:
