@@ -6,15 +6,16 @@ cores, with the gradients g_k = J_kᵀ G (J_k = ∂W/∂G_k, G = ∂L/∂W), mov
     ΔW = -η Σ_k m_k J_k J_kᵀ G          (m_k: core k's learning-rate multiplier; plain SGD: m_k = 1)
 
 against ΔW = -η G for a step on a dense W. ``docs/design.md`` (section "The step size on W") derives the
-ratio ρ = ‖ΔW_cores‖ / ‖ΔW_dense‖: each J_k J_kᵀ scales with ‖W‖² / ‖G_k‖² (the product of the other cores'
-squared norms), so ρ depends on the format, the rank, the balance of the cores and the init scale, and ranges
-from 0.3 to beyond 10 over common layers. :func:`param_groups` picks
+ratio ρ = ‖ΔW_cores‖ / ‖ΔW_dense‖: each J_k J_kᵀ scales with ‖W‖² / ‖G_k‖² (the product of the other
+cores' squared norms), so ρ depends on the format, the rank, the balance of the cores and the init scale,
+and ranges from 0.3 to beyond 10 over common layers. :func:`param_groups` picks
 
     m_k = c · ‖G_k‖² / ‖W‖²,   c such that ρ = ``target`` for a random Gaussian G,
 
-measured once per layer as the root mean square over 8-256 Gaussian probes (first order, exactly: per probe
-one backward and K forward contractions of the layer's network). ‖G_k‖²/‖W‖² undoes the scaling of J_k J_kᵀ (so the multipliers
-follow any rebalancing of the cores), c sets the overall size.
+measured once per layer as the root mean square over 8-128 Gaussian probes, as many as its spread needs
+(first order, exactly: per probe one backward and K forward contractions of the layer's network).
+‖G_k‖²/‖W‖² undoes the scaling of J_k J_kᵀ (so the multipliers follow any rebalancing of the cores), c sets
+the overall size.
 
 Opt-in, and measured not to prevent divergence of BN-free CNNs at the dense lr: ρ grows with the weight
 scale during training, which a match at init does not follow (``benchmarks/results/lr_transfer.md``,
@@ -30,7 +31,6 @@ import torch
 from torch import nn
 
 from ._caller import warn_user
-from .formats.network import einsum_equation, mode_label
 from .groups import core_groups
 
 __all__ = ["param_groups", "core_lr_multipliers", "step_ratio"]
@@ -45,9 +45,8 @@ def _check_positive(name: str, value) -> float:
 
 
 def _reconstruct(network, cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The network's full tensor (modes m0, m1, ... in order) from ``cores``: one einsum."""
-    out = [mode_label(i) for i in range(len(network.modes))]
-    return torch.einsum(einsum_equation(network.cores, out), *cores)
+    """The network's full tensor (modes in order) from ``cores``: one einsum."""
+    return torch.einsum(network.equation(), *cores)
 
 
 def _first_order_step(network, cores, grads, multipliers) -> torch.Tensor:
@@ -86,10 +85,10 @@ def core_lr_multipliers(module: nn.Module, target: float = 1.0, seed: int = 0,
                         probes: int | None = None) -> List[float] | None:
     """The multipliers m_k = c · ‖G_k‖²/‖W‖² of ``module``'s cores (see the module docstring), or ``None``
     when they are undefined: W or a core is zero (a zero-initialized adapter update) or not finite. c makes
-    the root mean square of the ratio over ``probes`` Gaussian gradients equal ``target`` (default: 20000 /
-    number of core entries, clamped to 8..256: one probe's ratio varies by ~30% (std/mean) on a layer of a
-    hundred core entries, by a few % on thousands, so tiny layers need the most probes to pin the mean square
-    down to ~2%; the mean square is what a random G sees on average)."""
+    the root mean square of the ratio over Gaussian gradients equal ``target`` (the mean square is what a
+    random G sees on average). ``probes``: how many gradients; default: drawn until the mean square's
+    standard error is within 4% of it (the root mean square then within ~2%), at least 8 and at most 128 -
+    one probe's ratio varies by up to ~30% (std/mean), on small and large layers alike."""
     target = _check_positive("target", target)
     network = module.network
     with torch.no_grad():
@@ -99,13 +98,26 @@ def core_lr_multipliers(module: nn.Module, target: float = 1.0, seed: int = 0,
     if not (math.isfinite(w2) and w2 > 0 and all(math.isfinite(x) and x > 0 for x in s)):
         return None
     base = [x / w2 for x in s]
-    if probes is None:
-        probes = min(256, max(8, math.ceil(20000 / sum(c.numel() for c in cores))))
     generator = torch.Generator().manual_seed(seed)
-    rho = math.sqrt(sum(step_ratio(module, multipliers=base, generator=generator) ** 2 for _ in range(probes)) / probes)
+    rho = math.sqrt(_mean_square(lambda: step_ratio(module, multipliers=base, generator=generator), probes))
     if not (math.isfinite(rho) and rho > 0):
         return None
     return [target * b / rho for b in base]
+
+
+def _mean_square(draw, probes: int | None, low: int = 8, high: int = 128, rel_error: float = 0.04) -> float:
+    """The mean of ``draw() ** 2`` over ``probes`` draws, or (``probes=None``) over draws until its standard
+    error is below ``rel_error`` of it (at least ``low``, at most ``high`` draws)."""
+    squares: List[float] = []
+    while len(squares) < (probes or high):
+        squares.append(draw() ** 2)
+        n = len(squares)
+        if probes is None and n >= low:
+            mean = sum(squares) / n
+            variance = sum((x - mean) ** 2 for x in squares) / (n - 1)
+            if math.sqrt(variance / n) <= rel_error * mean:
+                break
+    return sum(squares) / len(squares)
 
 
 def param_groups(model: nn.Module, lr: float, *, target: float = 1.0, seed: int = 0,
