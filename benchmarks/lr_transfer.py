@@ -17,8 +17,10 @@ A run *diverges* when a loss or a parameter becomes non-finite, or a step's loss
 loss; it stops there and scores chance accuracy (0.10). A cell (model, format, lr, BatchNorm) is *met* when
 the tensorized model diverges in no more seeds than the dense model in the same cell, and its mean test
 accuracy is at least the tuned-lr run's mean minus that run's seed standard deviation.
-``--remedy [ARCH ...]`` adds rows trained with ``tnlayers.lr.param_groups`` (per-core learning-rate multipliers,
-matched to a dense step at init) at 1x and 2x the dense lr, judged against the same plain tuned-lr runs.
+``--remedy [ARCH ...]`` adds rows trained with a remedy at 1x and 2x the dense lr, judged against the same plain
+tuned-lr runs: ``--remedy-kind precondition`` (default) calls ``tnlayers.precondition_core_grads_(model)`` between
+backward and step; ``--remedy-kind param_groups`` trains with ``tnlayers.lr.param_groups`` (per-core lr
+multipliers matched to a dense step at init).
 
 The script imports ``tnlayers`` from the checkout it lies in (run a copy placed in another checkout's
 ``benchmarks/`` to measure that checkout); the file it used is written into the results.
@@ -94,12 +96,12 @@ def finite_params(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def train_one(arch, fmt, bn, lr, seed, args, data, remedy=False) -> dict:
+def train_one(arch, fmt, bn, lr, seed, args, data, remedy=None) -> dict:
     """One run; returns its divergence flag, test accuracy, last losses and seconds."""
     model = build(arch, fmt, bn, args.rank, seed)
     (x_train, y_train), (x_test, y_test) = data
     params = model.parameters()
-    if remedy:
+    if remedy == "param_groups":
         from tnlayers.lr import param_groups
         params = param_groups(model, lr=lr)
     opt = _make_optimizer("SGD", params, lr)
@@ -119,6 +121,8 @@ def train_one(arch, fmt, bn, lr, seed, args, data, remedy=False) -> dict:
             diverged = True
             break
         loss.backward()
+        if remedy == "precondition":
+            tnlayers.precondition_core_grads_(model)
         opt.step()
         sched.step()
         losses.append(value)
@@ -143,18 +147,18 @@ def mean_std(values):
 
 def run_grid(args) -> dict:
     data = _digits(0)
-    plain = [(fmt, False) for fmt in ("dense",) + tuple(args.formats)]
+    plain = [(fmt, None) for fmt in ("dense",) + tuple(args.formats)]
     runs = {}  # key "arch|fmt|remedy|bn|mult" -> list of per-seed results
     total = sum(len(plain) * 3 + len(args.formats) * 2 * (arch in args.remedy) for arch in args.archs) * 2 * args.seeds
     done, start = 0, time.perf_counter()
     for arch in args.archs:
-        variants = plain + [(fmt, True) for fmt in args.formats if arch in args.remedy]
+        variants = plain + [(fmt, args.remedy_kind) for fmt in args.formats if arch in args.remedy]
         for bn in (True, False):
             for fmt, remedy in variants:
                 for mult in LR_MULTS:
                     if remedy and mult == 0.5:
                         continue  # the remedy is judged at the dense lr and 2x it, against the plain tuned runs
-                    key = f"{arch}|{fmt}|{int(remedy)}|{int(bn)}|{mult:g}"
+                    key = f"{arch}|{fmt}|{int(bool(remedy))}|{int(bn)}|{mult:g}"
                     runs[key] = [train_one(arch, fmt, bn, mult * args.lr, seed, args, data, remedy)
                                  for seed in range(args.seeds)]
                     done += args.seeds
@@ -234,7 +238,7 @@ def write(rows, runs, args, seconds, out: Path, commands=None) -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        fmt = r["format"] + (" + param_groups" if r["remedy"] else "")
+        fmt = r["format"] + (f" + {args.remedy_kind}" if r["remedy"] else "")
         verdict = "(reference)" if r["format"] == "dense" else r["verdict"]
         if r["format"] == "dense" and not r["accuracy_ok"]:
             verdict = "(reference; below its own tuned lr)"
@@ -244,11 +248,21 @@ def write(rows, runs, args, seconds, out: Path, commands=None) -> None:
     judged = [r for r in rows if r["format"] != "dense"]
     missed = [r for r in judged if r["verdict"] != "met"]
     lines += ["", f"Cells met: {len(judged) - len(missed)} of {len(judged)} tensorized cells."]
+    for remedy in sorted({r["remedy"] for r in judged}):
+        for arch in args.archs:
+            for bn in (True, False):
+                part = [r for r in judged if r["remedy"] == remedy and r["arch"] == arch and r["bn"] == bn]
+                if part:
+                    lines.append(f"- {arch}, BN {'yes' if bn else 'no'}, {args.remedy_kind if remedy else 'plain SGD'}: "
+                                 f"{sum(r['verdict'] == 'met' for r in part)} of {len(part)} met; diverged in "
+                                 f"{sum(r['diverged'] for r in part)} of {sum(r['seeds'] for r in part)} runs (dense: "
+                                 f"{sum(r['diverged_dense'] for r in part)})")
+    lines.append("")
     for r in missed:
         why = [w for w, ok in (("diverges more often than dense", r["divergence_ok"]),
                                ("accuracy below the tuned-lr spread", r["accuracy_ok"])) if not ok]
         lines.append(f"- MISSED: {r['arch']}, BN {'yes' if r['bn'] else 'no'}, {r['format']}"
-                     f"{' + param_groups' if r['remedy'] else ''}, lr {r['lr']:g}: {'; '.join(why)}")
+                     f"{' + ' + args.remedy_kind if r['remedy'] else ''}, lr {r['lr']:g}: {'; '.join(why)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "merge")}
@@ -276,14 +290,18 @@ def init_choices():
     return {"default": {}}
 
 
-def exact_ratio(layer, grad, eta, multipliers=None):
-    """||W(cores - eta m g) - W(cores)|| / ||eta G||, W rebuilt by the layer itself (float64)."""
+def exact_ratio(layer, grad, eta, multipliers=None, precondition=False):
+    """||W(cores - eta m g) - W(cores)|| / ||eta G||, W rebuilt by the layer itself (float64); g preconditioned
+    by ``tnlayers.core_precondition.precondition_grads`` when ``precondition``."""
     import copy
     layer = copy.deepcopy(layer).double()
     layer.cache_weight = False
     cores = layer.core_parameters()
     weight = layer.weight
     grads = torch.autograd.grad(weight, cores, grad.double())
+    if precondition:
+        from tnlayers.core_precondition import precondition_grads
+        grads = precondition_grads(layer, grads)
     multipliers = multipliers or [1.0] * len(cores)
     with torch.no_grad():
         before = weight.detach().clone()
@@ -312,7 +330,7 @@ def ratio_grid(args) -> list:
         for kind, make in RATIO_LAYERS.items():
             for fmt in args.formats:
                 for rank in args.ratio_ranks:
-                    exact, first, remedy, real = [], [], [], []
+                    exact, first, remedy, real, pre = [], [], [], [], []
                     for seed in range(args.ratio_seeds):
                         torch.manual_seed(seed)
                         with warnings.catch_warnings():
@@ -323,14 +341,18 @@ def ratio_grid(args) -> list:
                         first.append(step_ratio(layer, layer._weight_to_modes(grad.double())))
                         m = core_lr_multipliers(layer)  # matched with its own probe (seed 0), checked on this one
                         remedy.append(exact_ratio(layer, grad, eta, m))
+                        pre.append(exact_ratio(layer, grad, eta, precondition=True))
                         if kind.startswith("conv") and rank == 0.1:
                             g = digits_gradient(layer, seed)
-                            real.append((exact_ratio(layer, g, eta), exact_ratio(layer, g, eta, m)))
+                            real.append((exact_ratio(layer, g, eta), exact_ratio(layer, g, eta, m),
+                                         exact_ratio(layer, g, eta, precondition=True)))
                     row = dict(init=init, layer=kind, format=fmt, rank=rank, cores=len(layer.core_parameters()),
-                               exact=mean_std(exact), first_order=mean_std(first), remedy=mean_std(remedy))
+                               exact=mean_std(exact), first_order=mean_std(first), remedy=mean_std(remedy),
+                               precondition=mean_std(pre))
                     if real:
                         row["digits"] = mean_std([r[0] for r in real])
                         row["digits_remedy"] = mean_std([r[1] for r in real])
+                        row["digits_precondition"] = mean_std([r[2] for r in real])
                     rows.append(row)
                     if not args.quiet:
                         print(init, kind, fmt, rank, f"{row['exact'][0]:.3f}", flush=True)
@@ -348,20 +370,22 @@ def write_ratios(rows, args, seconds, out: Path) -> None:
              f"- One SGD step, lr 1e-3, same gradient G for both; G standard Gaussian; mean ± std over "
              f"{args.ratio_seeds} seeds (layer init and G). *exact*: W rebuilt by the layer after the step (float64); "
              "*first order*: `tnlayers.lr.step_ratio` (||Σ_k J_k J_kᵀ G|| / ||G||). *param_groups*: exact ratio with "
-             "the per-core multipliers of `tnlayers.param_groups` (matched on their own Gaussian probes, checked on this G). *digits*: G "
+             "the per-core multipliers of `tnlayers.param_groups` (matched on their own Gaussian probes, checked on this G). "
+             "*preconditioned*: exact ratio with the gradients of `tnlayers.precondition_core_grads_` (damping 0.01). *digits*: G "
              "= the gradient of a cross-entropy loss on 32 digits (conv rows at rank 0.1 only).",
              "- Rank: fraction of the dense layer's parameters (the layers' float rank).", ""]
     for init in inits:
         lines += [f"## Init: {init}", "",
-                  "| layer | format | rank | cores | exact | first order | param_groups (exact) | digits G | "
-                  "digits G, param_groups |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| layer | format | rank | cores | exact | first order | param_groups (exact) | preconditioned (exact) "
+                  "| digits G | digits G, param_groups | digits G, preconditioned |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r["init"] != init:
                 continue
             ms = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}" if v else ""  # noqa: E731
             lines.append(f"| {r['layer']} | {r['format']} | {r['rank']:g} | {r['cores']} | {ms(r['exact'])} | "
-                         f"{ms(r['first_order'])} | {ms(r['remedy'])} | {ms(r.get('digits'))} | "
-                         f"{ms(r.get('digits_remedy'))} |")
+                         f"{ms(r['first_order'])} | {ms(r['remedy'])} | {ms(r.get('precondition'))} | "
+                         f"{ms(r.get('digits'))} | {ms(r.get('digits_remedy'))} | {ms(r.get('digits_precondition'))} |")
         lines.append("")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
@@ -379,13 +403,13 @@ def merge(args) -> list:
         seconds += part["seconds"]
         commands += part.get("commands", [])
     first = parts[0]["settings"]
-    for key in ("seeds", "lr", "rank", "batch", "formats"):
+    for key in ("seeds", "lr", "rank", "batch", "formats", "remedy_kind"):
         if any(p["settings"][key] != first[key] for p in parts):
             raise SystemExit(f"--merge: the grids differ in {key}")
     args.archs = [a for a in ARCHS if any(a in p["settings"]["archs"] for p in parts)]
     args.remedy = [a for a in ARCHS if any(a in p["settings"]["remedy"] for p in parts)]
     args.steps = {k: v for p in parts for k, v in p["settings"]["steps"].items() if k in p["settings"]["archs"]}
-    for key in ("seeds", "lr", "rank", "batch", "formats"):
+    for key in ("seeds", "lr", "rank", "batch", "formats", "remedy_kind"):
         setattr(args, key, first[key])
     commands.append(" ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv))
     rows = summarize(runs, args)
@@ -404,7 +428,9 @@ def parse_args(argv=None):
     p.add_argument("--cnn-steps", type=int, default=200)
     p.add_argument("--resnet-steps", type=int, default=100)
     p.add_argument("--remedy", nargs="*", choices=list(ARCHS), default=None,
-                   help="also train these models (all when none named) with tnlayers.lr.param_groups")
+                   help="also train these models (all when none named) with the --remedy-kind remedy")
+    p.add_argument("--remedy-kind", choices=["precondition", "param_groups"], default="precondition",
+                   help="the remedy --remedy trains with (default: tnlayers.precondition_core_grads_)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="2 seeds, 3 steps, TT only: a smoke run in seconds")
     p.add_argument("--quiet", action="store_true")

@@ -37,6 +37,7 @@ from tqdm import tqdm  # noqa: E402
 
 import tnlayers  # noqa: E402
 from tnlayers.groups import core_groups  # noqa: E402
+from tnlayers.core_precondition import precondition_core_grads_  # noqa: E402
 from tnlayers.optim import BAR, DAS, GSAM, SAM, XSAM, disable_running_stats  # noqa: E402
 
 FORMATS = {"tucker": "TuckerConv2d", "tt": "TTConv2d", "tr": "TRConv2d", "cp": "CPConv2d"}
@@ -78,10 +79,25 @@ def describe_model(args) -> str:
             }[args.model]
 
 
-def make_optimizer(method: str, params, total_steps: int, eig_every: int = 10, eig_iters: int = 5):
+class PreconditionedSGD(torch.optim.SGD):
+    """torch.optim.SGD whose step first calls ``tnlayers.precondition_core_grads_(model)`` (the opt-in
+    remedy for the step size on W): its cost is what "SGD+precondition" measures."""
+
+    def __init__(self, model, **options):
+        super().__init__(model.parameters(), **options)
+        self._model = model
+
+    def step(self, closure=None):
+        precondition_core_grads_(self._model)
+        return super().step(closure)
+
+
+def make_optimizer(method: str, params, total_steps: int, eig_every: int = 10, eig_iters: int = 5, model=None):
     base = dict(lr=0.05, momentum=0.9, weight_decay=1e-4)
     if method == "SGD":
         return torch.optim.SGD(params, **base)
+    if method == "SGD+precondition":
+        return PreconditionedSGD(model, **base)
     if method == "SAM":
         return SAM(params, torch.optim.SGD, rho=0.05, **base)
     if method == "DAS":
@@ -150,7 +166,7 @@ def run(args) -> dict:
         torch.manual_seed(0)
         model = build_model(args, device)
         setups[method] = (model, make_optimizer(method, model.parameters(), args.warmup + args.rounds * args.steps,
-                                                args.eig_every, args.eig_iters))
+                                                args.eig_every, args.eig_iters, model))
     for method, (model, opt) in setups.items():
         for _ in range(args.warmup):
             training_step(model, opt, x, y, device)
@@ -234,7 +250,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--steps", type=int, default=2, help="steps per method per round")
     parser.add_argument("--methods", nargs="+", default=None,
-                        help="default: SGD SAM DAS BAR XSAM GSAM, plus DAS-triton on CUDA")
+                        help="default: SGD SAM DAS BAR XSAM GSAM, plus DAS-triton on CUDA; also SGD+precondition "
+                             "(SGD after tnlayers.precondition_core_grads_)")
     parser.add_argument("--eig-every", type=int, default=10, help="XSAM: steps between eigenvector updates")
     parser.add_argument("--eig-iters", type=int, default=5, help="XSAM: power iterations per update")
     parser.add_argument("--keep-freed-memory", action="store_true", help=FLAG_HELP)

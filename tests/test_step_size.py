@@ -103,6 +103,7 @@ def test_rebalancing_changes_the_ratio_but_not_the_remedy():
     assert step_ratio(layer, grad, core_lr_multipliers(layer)) == pytest.approx(matched, rel=1e-6)
 
 
+@pytest.mark.slow  # 15 random layers, ~20 s on 2 cores
 @settings(max_examples=15, deadline=None)
 @given(fmt=st.sampled_from(FORMATS), kind=st.sampled_from(["conv", "linear"]),
        rank=st.sampled_from([0.05, 0.1, 0.3, 0.6]), seed=st.integers(0, 1000),
@@ -208,12 +209,19 @@ def test_benchmark_quick_grid(tmp_path):
     out = tmp_path / "lr.md"
     rows = _bench().main(["--quick", "--quiet", "--archs", "cnn", "--remedy", "--out", str(out)])
     text = out.read_text()
-    assert "| cnn | yes | tt | 0.05 |" in text and "tt + param_groups" in text and "Command:" in text
+    assert "| cnn | yes | tt | 0.05 |" in text and "tt + precondition" in text and "Command:" in text
     judged = [r for r in rows if r["format"] != "dense"]
     assert len(judged) == 8 and all(r["verdict"] in ("met", "MISSED") for r in judged)
     assert all((r["verdict"] == "met") == (r["divergence_ok"] and r["accuracy_ok"]) for r in judged)
     assert all(0 <= r["diverged"] <= r["seeds"] == 2 for r in rows)
     assert text.count("MISSED:") == sum(r["verdict"] == "MISSED" for r in judged)
+
+
+def test_benchmark_quick_grid_param_groups_remedy(tmp_path):
+    out = tmp_path / "lr.md"
+    _bench().main(["--quick", "--quiet", "--archs", "cnn", "--remedy", "--remedy-kind", "param_groups",
+                   "--out", str(out)])
+    assert "tt + param_groups" in out.read_text()
 
 
 def test_benchmark_quick_ratios(tmp_path):
@@ -223,6 +231,9 @@ def test_benchmark_quick_ratios(tmp_path):
     for r in rows:
         assert r["exact"][0] == pytest.approx(r["first_order"][0], rel=0.05)
         assert r["remedy"][0] == pytest.approx(1.0, rel=0.2)
+        assert r["precondition"][0] <= 1.0  # the bound of tnlayers.precondition_core_grads_, exact step
     he, nn_ = [r["exact"][0] for r in rows if r["layer"].startswith("conv")]
+    pre = [r["precondition"][0] for r in rows if r["layer"].startswith("conv")]
+    assert pre[0] == pytest.approx(pre[1], rel=1e-3)  # scale-free to first order: the same under either init
     K = rows[0]["cores"]
     assert he / nn_ == pytest.approx(math.sqrt(6) ** (2 * (K - 1) / K), rel=0.2)  # (std ratio)^(2(K-1)/K)

@@ -9,6 +9,7 @@ from .groups import core_groups
 from .layers import (CPConv2d, CPLinear, FactorizedTensor, TensorizedConv2d, TensorizedLinear, TRConv2d,
                      TRLinear, TTConv2d, TTLinear, TuckerConv2d, TuckerLinear, cached)
 from .metrics import norm_deviation, norm_report
+from .core_precondition import precondition_core_grads_
 from . import lr, models, optim, training
 from .optim import BAR, DAS, GSAM, SAM, XSAM
 from .shapes import tensorize_dim
@@ -31,4 +32,4 @@ __all__ = ["FactorizedTensor", "TensorizedLinear", "TensorizedConv2d", "TTConv2d
            "norm_report", "tensorize_dim", "FORMATS", "SAM", "XSAM", "GSAM", "DAS", "BAR", "tensorize", "summary",
            "to_dense",
            "set_strategy", "get_strategy", "lr", "models", "optim", "training", "adapt", "merge_adapters",
-           "unmerge_adapters", "trainable_parameters", "cached"]
+           "unmerge_adapters", "trainable_parameters", "cached", "precondition_core_grads_"]

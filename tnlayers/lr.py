@@ -19,7 +19,8 @@ the overall size.
 
 Opt-in, and measured not to prevent divergence of BN-free CNNs at the dense lr: ρ grows with the weight
 scale during training, which a match at init does not follow (``benchmarks/results/lr_transfer.md``,
-``docs/design.md``).
+``docs/design.md``). :func:`tnlayers.precondition_core_grads_` follows it at every step instead (ρ ≤ 1 at
+any scale).
 """
 from __future__ import annotations
 

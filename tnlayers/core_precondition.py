@@ -1,0 +1,174 @@
+"""Preconditioned core gradients: a step on the cores that moves W no further than a dense step would.
+
+One SGD step of size η on the cores of W = Φ(G_1..G_K) moves W, to first order, by -η Σ_k J_k J_kᵀ G
+(G = ∂L/∂W, J_k = ∂W/∂G_k). J_k J_kᵀ grows with the other cores' norms, so the step on W grows as W does:
+a feedback a dense layer does not have, which is what makes BN-free tensorized nets diverge at the dense
+lr (docs/design.md, "The step size on W"). Replacing each core's gradient g_k = J_kᵀ G by
+
+    g̃_k = (1/K) (J_kᵀ J_k + δ)⁻¹ g_k
+
+turns the first-order step into -η (1/K) Σ_k Π_k G, Π_k the orthogonal projection onto the directions core
+k can reach (damped by δ): **‖ΔW‖ ≤ η ‖G‖ at any scale and balance of the cores**, equal to the dense step
+along W itself (every Π_k contains W). This is the scaled gradient of ScaledGD (Tong, Ma, Chi,
+arXiv 2005.08898) for any tensor network, with the 1/K of an additive Schwarz method so the K overlapping
+projections never add up beyond one dense step.
+
+J_kᵀ J_k needs no Jacobian: it is the identity on core k's mode indices times a small matrix over its bond
+indices, the network of the other cores contracted with a copy of itself over all their modes. When the
+other cores fall into separate pieces once core k is removed (a TT core's left and right halves, a Tucker
+core's factors) that matrix is the Kronecker product of one Gram matrix per piece, each over the bonds that
+piece touches, so it is solved piece by piece: r x r systems for TT, Tucker and CP, (r_{k-1} r_k)² for TR.
+δ = ``damping`` x the mean diagonal of each piece's Gram, so the preconditioner is scale-free.
+
+Use it between ``backward()`` and ``optimizer.step()``, as ``torch.nn.utils.clip_grad_norm_``::
+
+    loss.backward()
+    tnlayers.precondition_core_grads_(model)
+    optimizer.step()
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from numbers import Real
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .contract import Contraction
+from .formats.network import einsum_equation
+from .groups import core_groups
+from .layers.factorized_tensor import FactorizedTensor
+from .layers.tensorized import TensorizedLayer
+
+__all__ = ["precondition_core_grads_", "precondition_grads"]
+
+# One piece of core k's environment: the other cores it holds, the bonds of core k it touches, and the
+# planned contraction of the piece with its copy (output: those bonds, then their primed copies).
+Piece = Tuple[Tuple[int, ...], Tuple[str, ...], Contraction]
+
+
+def _is_bond(label: str) -> bool:
+    return not label.startswith("m")  # network.py: modes are m0, m1, ...; everything else is a bond
+
+
+def _pieces(cores: Tuple[Tuple[str, ...], ...], sizes: Tuple[Tuple[str, int], ...], k: int) -> List[Piece]:
+    """The connected pieces of the network without core k that touch one of core k's bonds."""
+    size = dict(sizes)
+    own = [label for label in cores[k] if _is_bond(label)]
+    others = [j for j in range(len(cores)) if j != k]
+    piece_of = {j: j for j in others}  # union-find over the other cores, joined by any shared bond
+
+    def root(j):
+        while piece_of[j] != j:
+            j = piece_of[j]
+        return j
+
+    for a in others:
+        for b in others:
+            if a < b and {x for x in cores[a] if _is_bond(x)} & set(cores[b]):
+                piece_of[root(a)] = root(b)
+    pieces = {}
+    for j in others:
+        pieces.setdefault(root(j), []).append(j)
+    out = []
+    for members in pieces.values():
+        bonds = tuple(b for b in own if any(b in cores[j] for j in members))
+        if not bonds:
+            continue
+        ket = [cores[j] for j in members]
+        bra = [tuple(x + "'" if _is_bond(x) else x for x in labels) for labels in ket]
+        equation = einsum_equation(ket + bra, list(bonds) + [b + "'" for b in bonds])
+        shapes = tuple(tuple(size[x.rstrip("'")] for x in labels) for labels in ket + bra)
+        out.append((tuple(members), bonds, Contraction(equation, shapes)))
+    return out
+
+
+@lru_cache(maxsize=1024)
+def _plan(cores: Tuple[Tuple[str, ...], ...], sizes: Tuple[Tuple[str, int], ...]) -> Tuple[List[Piece], ...]:
+    return tuple(_pieces(cores, sizes, k) for k in range(len(cores)))
+
+
+def _solve_along(grad: torch.Tensor, labels: Sequence[str], bonds: Sequence[str], gram: torch.Tensor,
+                 damping: float) -> torch.Tensor:
+    """``grad`` with its ``bonds`` axes multiplied by (gram + damping · mean diag · I)⁻¹ (gram symmetric; its
+    pseudo-inverse when ``damping`` is 0)."""
+    d = gram.shape[0]
+    order = [i for i, x in enumerate(labels) if x not in bonds] + [labels.index(b) for b in bonds]
+    moved = grad.permute(order)
+    rows = moved.reshape(-1, d)
+    if damping > 0:
+        gram = gram + (damping * gram.diagonal().mean()) * torch.eye(d, dtype=gram.dtype, device=gram.device)
+        factor, _ = torch.linalg.cholesky_ex(gram)  # no host sync; a failed factor gives non-finite values
+        solved = torch.cholesky_solve(rows.T, factor).T.reshape(moved.shape)
+    else:  # undamped: the pseudo-inverse, still a projection where the Gram is singular (a rank above a mode)
+        solved = (rows @ torch.linalg.pinv(gram, hermitian=True)).reshape(moved.shape)
+    return solved.permute([order.index(i) for i in range(len(order))])
+
+
+def precondition_grads(module: nn.Module, grads: Sequence[torch.Tensor | None], damping: float = 1e-2
+                       ) -> List[torch.Tensor | None]:
+    """The preconditioned gradients (1/K)(J_kᵀJ_k + δ)⁻¹ g_k of ``module``'s cores (a tnlayers layer or
+    :class:`~tnlayers.FactorizedTensor`), from ``grads`` (one per core, ``None`` kept). Computed in float32
+    at least. ``damping=0`` uses the pseudo-inverse (the exact projection, also where a Gram is singular); a
+    core whose result is not finite (an all-zero environment under damping) keeps its gradient."""
+    net = module.network
+    plan = _plan(tuple(net.cores), tuple(sorted(net.sizes.items())))
+    cores = [c.detach() for c in module.core_parameters()]
+    out = []
+    for k, grad in enumerate(grads):
+        if grad is None:
+            out.append(None)
+            continue
+        dtype = torch.promote_types(grad.dtype, torch.float32)
+        work = grad.to(dtype)
+        for members, bonds, contraction in plan[k]:
+            ops = [cores[j].to(dtype) for j in members]
+            d = math.prod(net.sizes[b] for b in bonds)
+            gram = contraction(*ops, *ops).reshape(d, d)
+            work = _solve_along(work, net.cores[k], bonds, gram, damping)
+        work = work / len(cores)
+        out.append(torch.where(torch.isfinite(work).all(), work, grad.to(dtype)).to(grad.dtype))
+    return out
+
+
+def precondition_core_grads_(model: nn.Module, damping: float = 1e-2) -> None:
+    """Replace, in place, the ``.grad`` of every tensorized layer's cores in ``model`` by the preconditioned
+    gradient of this module's docstring, so that the next optimizer step moves each layer's weight at most as
+    far as a step of the same lr on a dense weight (to first order; momentum and weight decay act on the
+    result as usual). Call it after ``backward()`` and before ``optimizer.step()``; for use with
+    ``torch.optim`` optimizers (tnlayers' SAM/DAS/BAR compute their own steps from the raw gradients).
+
+    Acts on :class:`~tnlayers.TensorizedLinear`/:class:`~tnlayers.TensorizedConv2d` (all named formats) and
+    :class:`~tnlayers.FactorizedTensor`; adapters are left alone (their zero-initialized update makes the
+    Gram matrices vanish, and the scaled step of a vanishing core is unbounded). ``damping`` (δ ≥ 0, relative
+    to each Gram matrix's mean diagonal) bounds the step where a core's environment is rank-deficient (a rank
+    above a mode's size).
+
+    Example::
+
+        loss.backward()
+        tnlayers.precondition_core_grads_(model)
+        opt.step()
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"precondition_core_grads_ expects an nn.Module, got {type(model).__name__}")
+    if isinstance(damping, bool) or not isinstance(damping, Real):
+        raise TypeError(f"damping must be a number >= 0, got {type(damping).__name__}")
+    if not (math.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+    damping = float(damping)
+    seen = set()
+    for name, cores in core_groups(model):
+        module = model.get_submodule(name) if name else model
+        if not isinstance(module, (TensorizedLayer, FactorizedTensor)) or id(cores[0]) in seen:
+            continue  # a layer shared by two parents is preconditioned once
+        seen.add(id(cores[0]))
+        grads = [c.grad for c in cores]
+        if all(g is None for g in grads):
+            continue
+        with torch.no_grad():
+            for core, new in zip(cores, precondition_grads(module, grads, damping)):
+                if new is not None:
+                    core.grad.copy_(new)
