@@ -8,7 +8,10 @@ up through a file store (no port to pick). Scenarios (``all`` runs both):
   rank on its half of the same global batch;
 * ``fsdp``: DAS on an FSDP2 (``fully_shard``) model whose cores are DTensors sharded on dim 0 (torch backend,
   and the Triton kernels on the local shards when ``TRITON_INTERPRET=1``), plus a check
-  that ``CoreLayout.stats()`` on sharded cores issues exactly one all-reduce and matches the full tensors.
+  that ``CoreLayout.stats()`` on sharded cores issues exactly one all-reduce and matches the full tensors;
+* ``strategy``: ``strategy="auto"`` on a fake clock that disagrees between the ranks (each rank's clock
+  favours another strategy): every rank must still run the same strategy, the FLOP rule's, without timing;
+  and a layer run on rank 0 alone must not issue a collective.
 """
 import os
 import sys
@@ -223,13 +226,69 @@ def _fsdp_das(rank, world, backend):
     return (losses, state), bool(opt.last_lambdas[1].abs().max() > 0)
 
 
+# the strategy each rank's fake clock makes faster, per case: the ranks disagree in both cases, and rank 0
+# favours dense in one case and factorized in the other
+CLOCK_FAVOURS = {"a": ("dense", "factorized"), "b": ("factorized", "dense")}
+
+
+def run_strategy(rank, world):
+    """For each case, a tensorized layer and an adapter decide "auto" under the process group with this
+    rank's clock (which would pick differently on each rank). Returns {what: value}: the clock's own pick
+    (the rule applied to this rank's times alone), the strategy each module ran, the FLOP rule's pick
+    (``strategy="flops"``), and how many timed calls this rank made. Then rank 0 alone runs a layer on a new
+    shape (an evaluation on rank 0 only) and both ranks meet at a barrier: a collective inside that call
+    would hang or pair with the barrier."""
+    import torch.distributed as dist
+
+    import tnlayers
+    from tnlayers import strategy
+    from tnlayers.adapters import LinearAdapter
+
+    strategy.MIN_TIMED_FLOPS, strategy.TRUST_RATIO = 0, float("inf")  # time every decision, however small
+    case = {"now": None}
+    timed = []
+
+    def clock(run, s, device):  # this rank's clock: the favoured strategy takes 1 s, the other 3 s
+        run(s)
+        timed.append(s)
+        return 1.0 if s == CLOCK_FAVOURS[case["now"]][rank] else 3.0
+
+    strategy._time = clock
+    out = {}
+    torch.manual_seed(0)
+    for name, batch in (("a", 2), ("b", 4)):  # another batch: another key, another decision
+        case["now"] = name
+        out[f"alone.{name}"] = strategy._timed_choice(lambda s: None, torch.device("cpu"))
+        del timed[:]
+        layer = tnlayers.CPConv2d(8, 8, 3, padding=1, rank=4)
+        layer(torch.randn(batch, 8, 6, 6))
+        flops = tnlayers.CPConv2d(8, 8, 3, padding=1, rank=4, strategy="flops")
+        flops(torch.randn(batch, 8, 6, 6))
+        adapter = LinearAdapter(nn.Linear(16, 16), "tt", 2, 1.0, init="random")
+        adapter(torch.randn(batch, 16))
+        flops_adapter = LinearAdapter(nn.Linear(16, 16), "tt", 2, 1.0, init="random", strategy="flops")
+        flops_adapter(torch.randn(batch, 16))
+        out[f"layer.{name}"] = layer.last_strategy
+        out[f"layer_flops.{name}"] = flops.last_strategy
+        out[f"adapter.{name}"] = next(iter(adapter._choices.made.values()))
+        out[f"adapter_flops.{name}"] = next(iter(flops_adapter._choices.made.values()))
+        out[f"timed.{name}"] = len(timed)
+    if rank == 0:
+        with torch.no_grad():
+            tnlayers.TTConv2d(8, 8, 3, padding=1, rank=3)(torch.randn(5, 8, 7, 7))
+    dist.barrier()
+    out["uneven_done"] = True
+    return out
+
+
 def main(scenario, rank, world, store_file, out_dir):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
     try:
-        runs = {"ddp": [run_ddp], "fsdp": [run_fsdp], "all": [run_ddp, run_fsdp]}[scenario]
+        runs = {"ddp": [run_ddp], "fsdp": [run_fsdp], "strategy": [run_strategy],
+                "all": [run_ddp, run_fsdp, run_strategy]}[scenario]
         results = {}
         for run in runs:  # one launch for all: starting the processes costs more than the runs
             results.update({f"{run.__name__[4:]}.{k}": v for k, v in run(rank, world).items()})

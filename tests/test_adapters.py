@@ -320,7 +320,7 @@ def timed_decisions(monkeypatch, times):
     each strategy still runs and takes ``times[strategy]`` seconds. Returns the list of timed strategies."""
     monkeypatch.setattr(strategy_module, "MIN_TIMED_FLOPS", 0)
     monkeypatch.setattr(strategy_module, "TRUST_RATIO", float("inf"))
-    monkeypatch.setattr(strategy_module, "_decisions", {})  # none from earlier tests; restored afterwards
+    monkeypatch.setattr(strategy_module.chooser, "_decisions", {})  # none from earlier tests; restored afterwards
     return fake_timings(monkeypatch, times)
 
 

@@ -1,5 +1,6 @@
 """SAM and DAS across 2 processes (gloo, CPU): DistributedDataParallel and FSDP2 (``fully_shard``, cores
-sharded as DTensors) train like one process on the same global batch. Workers: tests/_dist_workers.py."""
+sharded as DTensors) train like one process on the same global batch; ``strategy="auto"`` picks the same
+strategy on every rank. Workers: tests/_dist_workers.py."""
 import os
 import subprocess
 import sys
@@ -89,6 +90,20 @@ def test_sharded_core_stats_take_one_all_reduce(results):
         for name in ("s", "gamma"):
             got, expected = stats[name]
             torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", sorted(workers.CLOCK_FAVOURS))
+def test_auto_decisions_are_the_same_on_every_rank(results, case):
+    """The ranks' clocks disagree (each alone picks another strategy), yet layers and adapters run the same
+    strategy on both ranks: the FLOP rule's, with no timing; a layer run on rank 0 alone issues no
+    collective (both ranks got past the barrier after it)."""
+    alone = [r[f"strategy.alone.{case}"] for r in results]
+    assert alone == list(workers.CLOCK_FAVOURS[case])  # the premise: each rank's own clock disagrees
+    for rank_results in results:
+        assert rank_results[f"strategy.layer.{case}"] == results[0][f"strategy.layer_flops.{case}"]
+        assert rank_results[f"strategy.adapter.{case}"] == results[0][f"strategy.adapter_flops.{case}"]
+        assert rank_results[f"strategy.timed.{case}"] == 0
+        assert rank_results["strategy.uneven_done"]
 
 
 def test_sam_sync_first_pass_arguments():

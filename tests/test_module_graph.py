@@ -12,7 +12,7 @@ import, which hides a cycle from ``import tnlayers``) is an edge like any other.
   ``__init__`` is already running or done when it runs, so that arrow is the interpreter's, not a
   dependency the code chose. So ``from ..groups import x`` inside ``tnlayers/layers/`` is an edge to
   ``tnlayers/groups.py``, not to ``tnlayers/__init__.py``; ``from .adapters.adapter import Adapter`` in
-  ``tnlayers/convert.py`` is an edge to ``tnlayers/adapters/__init__.py`` too (it runs that ``__init__``,
+  ``tnlayers/conversion_plan.py`` is an edge to ``tnlayers/adapters/__init__.py`` too (it runs that ``__init__``,
   which imports the whole package); and ``from .. import x`` with ``x`` not a submodule is an edge to
   ``tnlayers/__init__.py``, which imports everything, and so is a cycle.
 """
@@ -116,8 +116,8 @@ def test_the_graph_sees_lazy_imports_and_submodule_imports():
     assert "tnlayers.adapters" not in graph["tnlayers.adapters.delta"]
     # a lazy import (inside a function) is an edge: das.py loads the Triton kernels only when they run
     assert "tnlayers.kernels.das_triton" in graph["tnlayers.optim.das"]
-    # importing a submodule of another package runs that package's __init__: convert -> adapters/__init__
-    assert {"tnlayers.adapters", "tnlayers.adapters.adapter"} <= graph["tnlayers.convert"]
+    # importing a submodule of another package runs that package's __init__: conversion_plan -> adapters/__init__
+    assert {"tnlayers.adapters", "tnlayers.adapters.adapter"} <= graph["tnlayers.conversion_plan"]
     # ... and not one's own package's: layers/conv.py -> groups-level modules, not tnlayers/__init__
     assert "tnlayers" not in graph["tnlayers.layers.conv"]
 

@@ -1,9 +1,11 @@
 """Whole-model transformations: ``tensorize`` (nn.Conv2d/nn.Linear -> tensorized layers), ``summary``
 (what was tensorized, and what it saves) and ``to_dense`` (back to plain layers, for export).
 
-The per-layer arguments (``filter``, and ``rank``/``format``/``shapes`` given as a mapping) follow the
-matching rules of ``tnlayers/selection.py`` (which also holds the module swap that ``adapt`` shares); by
-default the classifier stays dense (``tnlayers/classifier.py``).
+Which module becomes which layer is planned in ``tnlayers/conversion_plan.py`` (the per-layer arguments,
+``filter`` and ``rank``/``format``/``shapes`` given as a mapping, follow the matching rules of
+``tnlayers/selection.py``; by default the classifier stays dense, ``tnlayers/classifier.py``); this module
+builds the layers, starts their cores (matched std or decomposition) and swaps them in
+(``selection._swap``, shared with ``adapt``).
 """
 from __future__ import annotations
 
@@ -11,34 +13,23 @@ import copy
 import math
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import nn
-from torch.nn.modules.conv import _ConvNd
 
 from ._caller import warn_user
-from .adapters.adapter import Adapter
-from .classifier import default_classifier
-from .formats import get_format
-from .layers import (CPConv2d, CPLinear, TensorizedConv2d, TensorizedLinear, TRConv2d, TRLinear, TTConv2d,
-                     TTLinear, TuckerConv2d, TuckerLinear)
+from .conversion_plan import TYPE_MAP, LayerPlan, dense_type, layer_class, plan_layers
+from .layers import TensorizedConv2d, TensorizedLinear
 from .layers.base import check_decomposition_options, check_tensor_values
-from .layers.tensorized import STRATEGIES, TensorizedLayer
-from .selection import _SHAPE_KEYS, _check_eager, _filter_fn, _PerLayer, _swap
+from .layers.tensorized import TensorizedLayer
+from .selection import _check_eager, _swap
 from .sharing import UNTIE_HINT, module_aliases, tied_parameters
+from .strategy import check_strategy
 from .compression_report import Summary, summary
 
 __all__ = ["tensorize", "summary", "to_dense", "TYPE_MAP", "Summary"]
 
-# dense type -> tensorized type (subclasses of the dense types map too); the format then picks the named
-# subclass, so a tensorized model prints and isinstance-checks as TTConv2d, TRLinear, ...
-TYPE_MAP = {nn.Conv2d: TensorizedConv2d, nn.Linear: TensorizedLinear}
-NAMED_LAYERS = {
-    TensorizedConv2d: {"tt": TTConv2d, "tr": TRConv2d, "cp": CPConv2d, "tucker": TuckerConv2d},
-    TensorizedLinear: {"tt": TTLinear, "tr": TRLinear, "cp": CPLinear, "tucker": TuckerLinear},
-}
 INITS = ("random", "decompose")
 
 
@@ -57,122 +48,12 @@ _ARGS = {nn.Conv2d: _conv_args, nn.Linear: _linear_args, TensorizedConv2d: _conv
 _DENSE_OF = {TensorizedConv2d: nn.Conv2d, TensorizedLinear: nn.Linear}
 
 
-def _why_unsupported(module: nn.Module) -> Optional[str]:
-    """Why a Conv/Linear module has no tensorized counterpart (None if it has one)."""
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
-        return f"Conv2d with groups={module.groups} (tensorized convs support groups=1 only)"
-    if not isinstance(module, tuple(TYPE_MAP)):
-        return f"{type(module).__name__} (no tensorized counterpart)"
-    if isinstance(module.weight, nn.parameter.UninitializedParameter):
-        return f"{type(module).__name__} with uninitialized (lazy) weight: run one forward pass first"
-    return None
-
-
-@dataclass
-class _LayerPlan:
-    module: nn.Module
-    format: str
-    rank: object
-    shape: dict = field(default_factory=dict)
-
-
-def _choice(name: str, module: nn.Module, select, selecting, format_opt, rank_opt, shapes_opt):
-    """What the arguments ask for the module under this name: None (leave it), or (format, rank, shape)."""
-    if select is not None and not select(name, module):
-        return None
-    if not all(opt.matches(name) for opt in selecting):
-        return None
-    if isinstance(module, TensorizedLayer):  # only its format matters: it is checked, not rebuilt
-        fmt = format_opt.get(name, module)
-        return None if fmt is None else (get_format(fmt).NAME, None, {})
-    if _why_unsupported(module) is not None:  # reported (left dense) by the caller
-        return ("", None, {})
-    fmt, layer_rank = format_opt.get(name, module), rank_opt.get(name, module)
-    if fmt is None or layer_rank is None:  # explicitly left dense
-        return None
-    shape = shapes_opt.get(name, module) or {}
-    if not isinstance(shape, Mapping) or set(shape) - set(_SHAPE_KEYS):
-        raise ValueError(f"shapes for {name!r} must be a dict with keys among {_SHAPE_KEYS}, got {shape!r}")
-    return get_format(fmt).NAME, layer_rank, dict(shape)  # unknown format names fail here, listing the valid ones
-
-
-def _one_choice(names: List[str], choices: list):
-    """A module registered under several names is one layer: every name must ask for the same thing."""
-    if any(repr(c) != repr(choices[0]) for c in choices[1:]):
-        asked = {n: ("left as it is" if c is None else f"format {c[0]!r}, rank {c[1]!r}")
-                 for n, c in zip(names, choices)}
-        raise ValueError(f"one module is registered as {names}, and the arguments treat its names differently "
-                         f"({asked}); it is one layer, tensorized once for all its places: give all its names the "
-                         f"same setting, or give each place its own module (copy.deepcopy) first")
-    return choices[0]
-
-
-def _check_formats(already: List[Tuple[str, str, str]]) -> None:
-    """Selected layers that are tensorized already: a different format is refused (no silent no-op)."""
-    other = [(n, have, want) for n, have, want in already if have != want]
-    if other:
-        listed = "; ".join(f"{n or '<model>'!r} is format {have!r}, asked {want!r}" for n, have, want in other[:5])
-        raise ValueError(f"tensorize: {len(other)} selected layer(s) are already tensorized in another format "
-                         f"({listed}); tensorize does not convert between formats: call tnlayers.to_dense(model) "
-                         f"first, then tensorize(model, ..., init='decompose') to start from the current weights")
-
-
-def _plan(model: nn.Module, format, rank, filter, shapes, example_inputs=None):
-    """Which modules become which layers: ({name: plan}, ["name: why left dense", ...], [names already
-    tensorized in the asked format]). A module registered under several names gets one plan under each."""
-    modules = module_aliases(model, (_ConvNd, nn.Linear, TensorizedLayer))
-    known = [n for _, names in modules for n in names]
-    rank_opt, format_opt = _PerLayer("rank", rank, known), _PerLayer("format", format, known)
-    shapes_opt = _PerLayer("shapes", {} if shapes is None else shapes, known)
-    if shapes is not None and not (shapes_opt.is_mapping or shapes_opt.is_callable):
-        raise TypeError(f"shapes must be None, a mapping {{name/glob: {{'in_shape': ..., 'out_shape': ...}}}} or a "
-                        f"callable (name, module) -> such a dict, got {type(shapes).__name__}")
-    select = _filter_fn(filter, known)
-    selecting = [opt for opt in (rank_opt, format_opt) if opt.selects]
-    if select is None and not selecting:
-        linears = [(names[0], m) for m, names in modules if isinstance(m, nn.Linear)]
-        classifier = default_classifier(model, linears, example_inputs)
-        select = lambda name, module: module is not classifier  # noqa: E731
-    elif example_inputs is not None:
-        raise ValueError("example_inputs= only finds the classifier that the default selection keeps dense; with "
-                         "filter= or a rank/format mapping without '*' the selection is yours: drop example_inputs")
-    adapters = tuple(n + "." for n, m in model.named_modules() if isinstance(m, Adapter))
-    tied = tied_parameters(model, [(m, names) for m, names in modules if not isinstance(m, TensorizedLayer)])
-    plans, left_dense, already = {}, [], []
-    for module, names in modules:
-        name = names[0]
-        if name.startswith(adapters):
-            left_dense.append(f"{name}: the frozen base of an adapter (tnlayers.adapt): merge or unadapt first")
-            continue
-        choice = _one_choice(names, [_choice(n, module, select, selecting, format_opt, rank_opt, shapes_opt)
-                                     for n in names])
-        if choice is None:
-            continue
-        if isinstance(module, TensorizedLayer):
-            already.append((name, module.format, choice[0]))
-            continue
-        why = _why_unsupported(module)
-        if why is None and id(module) in tied:
-            why = f"tied weights: {tied[id(module)]}; tensorizing it would untie them"
-        if why is not None:
-            left_dense.append(f"{name or '<model>'}: {why}")
-            continue
-        plans.update(dict.fromkeys(names, _LayerPlan(module, *choice)))
-    _check_formats(already)
-    return plans, left_dense, [n for n, _, _ in already]
-
-
-def _dense_type(module: nn.Module):
-    return next(t for t in TYPE_MAP if isinstance(module, t))
-
-
-def _build(name: str, plan: _LayerPlan, strategy: str, weight_std="nn") -> TensorizedLayer:
+def _build(name: str, plan: LayerPlan, strategy: str, weight_std="nn") -> TensorizedLayer:
     module = plan.module
-    dense_type = _dense_type(module)
-    layer_type = NAMED_LAYERS[TYPE_MAP[dense_type]][plan.format]
     try:
-        layer = layer_type(**_ARGS[dense_type](module), device=module.weight.device, dtype=module.weight.dtype,
-                           rank=plan.rank, strategy=strategy, weight_std=weight_std, **plan.shape)
+        layer = layer_class(plan)(**_ARGS[dense_type(module)](module), device=module.weight.device,
+                                  dtype=module.weight.dtype, rank=plan.rank, strategy=strategy, weight_std=weight_std,
+                                  **plan.shape)
     except (TypeError, ValueError) as err:  # name the layer: "rank must be ..." alone does not say where
         raise type(err)(f"tensorizing {name!r} ({type(module).__name__}): {err}") from err
     return layer.train(module.training)
@@ -249,7 +130,7 @@ def tensorize(model: nn.Module, format="tt", rank=None, filter=None, init: str =
             model, then ``tensorize(..., init="decompose")``.
         shapes: per-layer ``{"in_shape": ..., "out_shape": ...}`` overrides (mapping or callable);
             default automatic (the paper's Table 8 shapes for CIFAR ResNets).
-        strategy: "auto" | "dense" | "factorized", for every new layer.
+        strategy: "auto" | "flops" | "dense" | "factorized", for every new layer (``tnlayers.strategy``).
         inplace: False deep-copies the model first.
         progress: progress bar over layers for init="decompose"; default: when stderr is a terminal.
         decomposition_options: passed to each decomposition (e.g. ``{"n_iter_max": 200}`` for CP-ALS).
@@ -271,15 +152,14 @@ def tensorize(model: nn.Module, format="tt", rank=None, filter=None, init: str =
                         "callable (name, module) -> format; got None")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    check_strategy(strategy)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False, got {inplace!r}")
     if decomposition_options is not None and not isinstance(decomposition_options, Mapping):
         raise TypeError(f"decomposition_options must be a dict or None, got {type(decomposition_options).__name__}")
     check_decomposition_options(decomposition_options or {}, "decomposition_options")
     show = _show_progress(progress)
-    plans, left_dense, already = _plan(model, format, rank, filter, shapes, example_inputs)
+    plans, left_dense, already = plan_layers(model, format, rank, filter, shapes, example_inputs)
     if left_dense:
         hint = f"; {UNTIE_HINT}" if any(": tied weights:" in why for why in left_dense) else ""
         warn_user(f"tensorize left {len(left_dense)} module(s) dense: " + "; ".join(left_dense) + hint)

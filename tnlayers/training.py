@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import copy
 import os
-import random
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -34,6 +33,7 @@ from torch import nn
 
 from ._checkpoint_file import read_verified, write_atomic
 from .layers.base import check_state_configs
+from .rng_state import check_rng_state, get_rng_state, set_rng_state
 
 __all__ = ["save_checkpoint", "load_checkpoint", "get_rng_state", "set_rng_state"]
 
@@ -45,50 +45,6 @@ PathLike = Union[str, os.PathLike]
 _PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size,
                 torch.Tensor, nn.Parameter)
 _CONTAINER_TYPES = (list, tuple, set, dict, collections.OrderedDict)
-
-
-def get_rng_state() -> Dict[str, Any]:
-    """Every global RNG state as plain Python/torch objects (loadable with ``weights_only=True``)."""
-    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": _to_lists(random.getstate())}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-    except ImportError:  # numpy is optional for this helper
-        return state
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
-    return state
-
-
-def _check_rng_state(state: Any) -> None:
-    if not isinstance(state, dict) or "torch" not in state:
-        raise ValueError("rng state must be a dict from tnlayers.training.get_rng_state()")
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) != torch.cuda.device_count():
-        raise ValueError(f"the checkpoint holds {len(state['cuda'])} CUDA RNG states but "
-                         f"{torch.cuda.device_count()} CUDA devices are visible")
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore what :func:`get_rng_state` returned."""
-    _check_rng_state(state)
-    torch.set_rng_state(state["torch"])
-    if "python" in state:
-        random.setstate(_to_tuples(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-        kind, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
-
-
-def _to_lists(value):
-    return [_to_lists(v) for v in value] if isinstance(value, tuple) else value
-
-
-def _to_tuples(value):
-    return tuple(_to_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def _check_module(name: str, value: Any, kind, required: bool = False) -> None:
@@ -328,7 +284,7 @@ def load_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
     if optimizer is not None:
         _check_optimizer_state(optimizer, payload["optimizer"])
     if restore_rng:
-        _check_rng_state(payload.get("rng"))
+        check_rng_state(payload.get("rng"))
     # The model goes last of the objects: its snapshot is the costly one, and is not needed when an
     # optimizer, scheduler or scaler refuses its state.
     steps: List[Step] = [(_snapshot_of(name, obj), obj.load_state_dict, payload[name])

@@ -24,8 +24,7 @@ from torch import nn
 from ..formats._rank import check_int_rank
 from ..init import init_cores_, kaiming_std
 from ..layers.base import CoreModule
-from ..contract import autocast_dtype
-from ..strategy import STRATEGIES, choose, get_strategy
+from ..strategy import STRATEGIES, ModuleChoices, check_strategy, chooser, timing_run
 from .delta import delta_layout, get_adapter_format
 
 __all__ = ["Adapter", "INITS", "STRATEGIES", "check_number", "check_adapter_options"]
@@ -54,8 +53,7 @@ def check_adapter_options(format, rank, alpha, dropout, init, strategy):
     dropout = check_number("dropout", dropout, 0.0, 1.0, low_open=False, high_open=True)
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    check_strategy(strategy)
     return fmt, rank, alpha, dropout
 
 
@@ -83,10 +81,10 @@ class Adapter(CoreModule):
         self.merged = False
         # merge() keeps the base weight it overwrote, so unmerge() restores it bit for bit
         self.register_buffer("weight_before_merge", None, persistent=False)
-        self._choices = {}
         # what a timed choice depends on besides the input (the base's repr holds its shape, stride, padding,
         # groups): adapters alike share decisions (tnlayers.strategy)
-        self._config = (type(self).__name__, self.network.cores, tuple(sorted(self.network.sizes.items())), repr(base))
+        self._choices = ModuleChoices((type(self).__name__, self.network.cores,
+                                       tuple(sorted(self.network.sizes.items())), repr(base)))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -168,16 +166,13 @@ class Adapter(CoreModule):
 
     def _strategy_for(self, x: torch.Tensor, key, flops) -> str:
         """The forced strategy, or for "flops"/"auto" a choice made once per input shape (``key``), gradient
-        mode, device, dtype and autocast dtype; ``flops()`` gives (base op, building ΔW, factorized ΔW x)."""
+        mode, device, dtype and autocast dtype; ``flops()`` gives (base op, building ΔW, factorized ΔW x).
+        ``tnlayers.set_strategy`` reaches adapters too (:mod:`tnlayers.strategy`)."""
         if self._needs_factorized():
             return "factorized"
-        strategy = get_strategy() or self.strategy  # tnlayers.set_strategy("dense"/"factorized") reaches adapters too
-        if strategy in ("dense", "factorized"):
-            return strategy
         grad = torch.is_grad_enabled() and self.cores[0].requires_grad
-        full_key = (strategy, key, grad, x.device, x.dtype, autocast_dtype(x.device.type))
-        return choose(self._choices, full_key, self._config, strategy, lambda: self._costs(*flops(), grad),
-                      lambda: self._timing_run(x, grad), x.device)
+        return chooser.choose(self._choices, self.strategy, x, key, grad, lambda: self._costs(*flops(), grad),
+                              lambda: self._timing_run(x, grad))
 
     def _costs(self, base: int, build: int, factorized: int, grad: bool) -> Tuple[int, int]:
         """(dense, factorized) FLOP estimates of what differs between the two ways."""
@@ -188,17 +183,10 @@ class Adapter(CoreModule):
         raise NotImplementedError
 
     def _timing_run(self, x: torch.Tensor, grad: bool):
-        """``run(strategy)``: the output one way (+ the cores' gradient) from a detached copy of ``x``. Gradients
-        come back from ``torch.autograd.grad``, so ``.grad`` and the caller's graph stay untouched."""
+        """``run(strategy)``: the output one way (+ the cores' gradient) from a detached copy of ``x``."""
         x = x.detach()
-        cores = [c for c in self.cores if c.requires_grad]
-
-        def run(strategy):
-            with torch.set_grad_enabled(grad):
-                y = self._forward_by(x, strategy)
-                if grad and cores:
-                    torch.autograd.grad(y, cores, torch.ones_like(y))
-        return run
+        return timing_run(lambda strategy: self._forward_by(x, strategy), [c for c in self.cores if c.requires_grad],
+                          grad)
 
     def extra_repr(self) -> str:
         return (f"format={self.format!r}, rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, "

@@ -10,6 +10,7 @@ from .._caller import warn_user
 from ..formats import FORMATS
 from ..formats.network import Network
 from ..groups import group_of, mark_core_group
+from ..strategy import ModuleChoices
 
 __all__ = ["CoreModule", "build_network", "warn_if_larger_than_dense", "check_state_configs"]
 
@@ -131,6 +132,8 @@ class CoreModule(nn.Module):
 
     def __setstate__(self, state):
         state.pop("_weight_cache", None)  # deepcopy/unpickling: the copy rebuilds its own
+        if isinstance(state.get("_choices"), dict) and "_config" in state:  # pickled before ModuleChoices
+            state["_choices"] = ModuleChoices(state.pop("_config"))  # (its choices are retaken)
         super().__setstate__(state)
         mark_core_group(self.core_parameters())  # deepcopy/unpickling makes new parameter objects without markers
 

@@ -1,9 +1,13 @@
 """The one generic tensorized layer; ``TensorizedLinear`` and ``TensorizedConv2d`` only add how the
-input is applied. Modes are ordered (input modes..., spatial modes..., output modes...)."""
+input is applied. Modes are ordered (input modes..., spatial modes..., output modes...).
+
+What the layer holds itself: its cores and bias, the weight they make, decomposition into them, and its
+forward. What it delegates: checking its arguments and laying out its network (``layout.py``), the
+dense/factorized choice (``tnlayers/strategy.py``, shared with the adapters), and the guard of the no-grad
+weight cache (``weight_cache.py``)."""
 from __future__ import annotations
 
 import math
-from math import prod
 from typing import Tuple
 
 import torch
@@ -11,14 +15,12 @@ from torch import nn
 
 from ..contract import autocast_dtype
 from ..decompose import decompose
-from ..formats import get_format
 from ..formats.network import mode_label
 from ..init import check_weight_std, init_cores_, resolve_weight_std
-from ..shapes import optional_shape, resolve_rank
-from ..strategy import STRATEGIES, check_strategy, choose, get_strategy
-from .base import (CoreModule, build_network, check_decomposition_options, check_tensor_values,
-                   warn_if_larger_than_dense)
-from .weight_cache import snapshot, unchanged
+from ..strategy import STRATEGIES, ModuleChoices, check_strategy, chooser, timing_run
+from .base import CoreModule, check_decomposition_options, check_tensor_values
+from .layout import layer_layout
+from .weight_cache import reuse_or_build
 
 __all__ = ["TensorizedLayer", "STRATEGIES"]
 
@@ -31,41 +33,19 @@ class TensorizedLayer(CoreModule):
     _weight_cache = None
     last_strategy = None  # the strategy the last eager forward ran ("dense" or "factorized")
 
-    def _setup(self, format, in_dim, out_dim, kernel: Tuple[int, ...], rank, in_shape, out_shape, bias,
-               strategy, device, dtype, weight_std):
-        if format is None:
-            if self.FORMAT is None:
-                raise TypeError(f"{type(self).__name__} needs format=, one of 'cp', 'tucker', 'tt', 'tr'")
-            format = self.FORMAT
-        elif self.FORMAT is not None and format != self.FORMAT:
-            raise ValueError(f"{type(self).__name__} is format {self.FORMAT!r}; got format={format!r}")
-        fmt = get_format(format)
+    def _setup(self, format, in_dim: int, out_dim: int, kernel: Tuple[int, ...], rank, in_shape, out_shape,
+               bias: bool, strategy: str, device, dtype, weight_std) -> None:
         check_strategy(strategy)  # (in_dim/out_dim: plain positive ints, checked by the subclass)
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be True or False, got {bias!r}")
         self.weight_std = check_weight_std(weight_std)
-        split = fmt.SPLIT_CHANNELS[self.KIND]
-        self.in_shape = optional_shape(in_shape, in_dim, "in_shape", split)
-        self.out_shape = optional_shape(out_shape, out_dim, "out_shape", split)
-        spatial = ((prod(kernel),) if fmt.MERGE_SPATIAL else tuple(kernel)) if kernel else ()
-        modes = self.in_shape + spatial + self.out_shape
-        roles = ("in",) * len(self.in_shape) + ("spatial",) * len(spatial) + ("out",) * len(self.out_shape)
-        self.fan_in = in_dim * prod(kernel)
-        dense_weight, bias_params = in_dim * out_dim * prod(kernel), (out_dim if bias else 0)
-        self.dense_params = dense_weight + bias_params
-        dense_name = f"dense nn.{'Linear' if self.KIND == 'linear' else 'Conv2d'}"
-        rank = resolve_rank(rank, lambda r: fmt.network(modes, fmt.layer_rank(r, roles)).num_params,
-                            dense_weight, where=f" for {type(self).__name__}")
-        net = build_network(fmt, modes, rank, roles, self.dense_params, dense_name)
-        warn_if_larger_than_dense(type(self).__name__, net, net.num_params + bias_params, self.dense_params,
-                                  dense_name)
-        self._init_cores(net, device, dtype)
-        self.roles = roles
+        layout = layer_layout(type(self).__name__, self.FORMAT, self.KIND, format, in_dim, out_dim, kernel, rank,
+                              in_shape, out_shape, bias)
+        self.in_shape, self.out_shape, self.roles = layout.in_shape, layout.out_shape, layout.roles
+        self.fan_in, self.dense_params = layout.fan_in, layout.dense_params
+        self._init_cores(layout.network, device, dtype)
         self.strategy = strategy
-        self._choices = {}
         # what a timed choice depends on besides the input: layers alike share decisions (tnlayers.strategy)
-        self._config = (type(self).__name__, self.network.cores, tuple(sorted(self.network.sizes.items())), bias,
-                        self._apply_config())
+        self._choices = ModuleChoices((type(self).__name__, self.network.cores,
+                                       tuple(sorted(self.network.sizes.items())), bias, self._apply_config()))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_dim, device=device, dtype=dtype))
         else:
@@ -167,14 +147,9 @@ class TensorizedLayer(CoreModule):
     def _strategy_for(self, x) -> str:
         """``set_strategy``'s override or this layer's ``strategy``; "auto"/"flops" decided once per input
         shape, device, dtype, autocast dtype and grad mode (see :mod:`tnlayers.strategy`)."""
-        strategy = get_strategy() or self.strategy
-        if strategy == "factorized" and not self._has_factorized():
-            return "dense"  # a global override on a layout without a factorized chain
-        if strategy in ("dense", "factorized"):
-            return strategy
-        key = (strategy, self._shape_key(x), x.device, x.dtype, autocast_dtype(x.device.type), self._needs_grad(x))
-        return choose(self._choices, key, self._config, strategy, lambda: self._costs(x),
-                      lambda: self._timing_run(x, key[-1]), x.device)
+        grad = self._needs_grad(x)
+        return chooser.choose(self._choices, self.strategy, x, self._shape_key(x), grad, lambda: self._costs(x),
+                              lambda: self._timing_run(x, grad), factorized=self._has_factorized())
 
     def _has_factorized(self) -> bool:
         return getattr(self.plan, "supported", True)
@@ -185,19 +160,14 @@ class TensorizedLayer(CoreModule):
         x = x.detach().requires_grad_(x.requires_grad and needs_grad)
         params = [p.detach().requires_grad_(p.requires_grad and needs_grad) for p in self.core_parameters()]
         bias = None if self.bias is None else self.bias.detach().requires_grad_(self.bias.requires_grad and needs_grad)
-        leaves = [t for t in (x, *params, bias) if t is not None and t.requires_grad]
         weight = None if needs_grad else self._dense_weight()  # inference: dense is one conv with a cached weight
 
-        def run(strategy):
-            with torch.set_grad_enabled(needs_grad):
-                if strategy == "dense":
-                    y = self._dense(x, self.plan.weight(params).reshape(self._weight_shape()) if weight is None
-                                    else weight, bias)
-                else:
-                    y = self._factorized(x, params, bias)
-                if leaves:
-                    torch.autograd.grad(y, leaves, torch.ones_like(y))
-        return run
+        def forward(strategy):
+            if strategy == "dense":
+                return self._dense(x, self.plan.weight(params).reshape(self._weight_shape()) if weight is None
+                                   else weight, bias)
+            return self._factorized(x, params, bias)
+        return timing_run(forward, [t for t in (x, *params, bias) if t is not None and t.requires_grad], needs_grad)
 
     # -- weight cache ---------------------------------------------------------------------------------
     def _dense_weight(self) -> torch.Tensor:
@@ -216,12 +186,8 @@ class TensorizedLayer(CoreModule):
                 or any(c.is_inference() or hasattr(c, "to_local") for c in cores)):
             self._weight_cache = None  # training: free the inference copy
             return self.weight
-        key = (tuple((c._version, c.data_ptr(), c.dtype, c.device) for c in cores),
-               autocast_dtype(cores[0].device.type), torch.is_inference_mode_enabled())
-        cache = self._weight_cache
-        if cache is None or cache[0] != key or not unchanged(cores, cache[2]):
-            cache = self._weight_cache = (key, self.weight.detach(), snapshot(cores))
-        return cache[1]
+        self._weight_cache = reuse_or_build(cores, self._weight_cache, lambda: self.weight)
+        return self._weight_cache[1]
 
     def clear_weight_cache(self) -> None:
         """Free the cached inference weight (it is rebuilt on the next no-grad dense call)."""

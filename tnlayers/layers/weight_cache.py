@@ -10,13 +10,16 @@ Design notes: docs/design.md, 'Inference weight cache'.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["cached", "snapshot", "unchanged"]
+from ..contract import autocast_dtype
+
+__all__ = ["cached", "snapshot", "unchanged", "reuse_or_build"]
 
 Snapshot = Union[List[torch.Tensor], torch.Tensor]
+Entry = Tuple[tuple, torch.Tensor, Snapshot]  # (key, weight, the cores' values it was built from)
 _NUMPY_MIN = 1 << 15  # entries from which numpy's vectorized == beats torch.equal on CPU (~4x at 128k entries)
 _trusted = 0  # depth of open cached() contexts (global, like parametrize.cached's flag)
 
@@ -40,6 +43,18 @@ def cached() -> Iterator[None]:
         yield
     finally:
         _trusted -= 1
+
+
+def reuse_or_build(cores: Sequence[torch.Tensor], entry: Optional[Entry],
+                   build: Callable[[], torch.Tensor]) -> Entry:
+    """``entry`` while it still is the cores' weight, else a new one from ``build()``. Its key holds the
+    cores' version counters, storages, dtypes and devices, the autocast dtype and inference mode (a weight
+    built in one of them is not the weight of another); then the values are compared (:func:`unchanged`)."""
+    key = (tuple((c._version, c.data_ptr(), c.dtype, c.device) for c in cores),
+           autocast_dtype(cores[0].device.type), torch.is_inference_mode_enabled())
+    if entry is None or entry[0] != key or not unchanged(cores, entry[2]):
+        entry = (key, build().detach(), snapshot(cores))
+    return entry
 
 
 def snapshot(cores: Sequence[torch.Tensor]) -> Snapshot:
