@@ -90,6 +90,67 @@ def _plan(cores: Tuple[Tuple[str, ...], ...], sizes: Tuple[Tuple[str, int], ...]
     return tuple(_pieces(cores, sizes, k) for k in range(len(cores)))
 
 
+def _prime(labels) -> Tuple[str, ...]:
+    return tuple(x + "'" for x in labels)
+
+
+def _is_chain(cores: Tuple[Tuple[str, ...], ...]) -> bool:
+    """A train or a ring in core order (TT, TR): at most two bonds per core, each bond joins two cores,
+    neighbours share one."""
+    bonds = [{x for x in labels if _is_bond(x)} for labels in cores]
+    counts = {}
+    for b in bonds:
+        for x in b:
+            counts[x] = counts.get(x, 0) + 1
+    return (all(n == 2 for n in counts.values())  # no hyperedge (CP's shared rank)
+            and all(len(b) <= 2 for b in bonds) and all(a & b for a, b in zip(bonds, bonds[1:])))
+
+
+@lru_cache(maxsize=4096)
+def _join_equation(left: Tuple[str, ...], right: Tuple[str, ...], out: Tuple[str, ...]) -> str:
+    return einsum_equation([left, right], out)
+
+
+def _chain_grams(net, cores: Sequence[torch.Tensor]) -> dict:
+    """{(k, bonds): Gram} for a train or ring, from prefix and suffix products of the cores' transfer
+    tensors T_j = G_j contracted with itself over its modes: 3K joins per call instead of K environments
+    contracted from scratch (TR: K(K-2) products of r² x r² matrices)."""
+    labels = net.cores
+    K = len(labels)
+    bonds = [tuple(x for x in ls if _is_bond(x)) for ls in labels]
+    transfer = []
+    for j, core in enumerate(cores):
+        mode = tuple(x for x in labels[j] if not _is_bond(x))
+        bra = tuple(x if x in mode else x + "'" for x in labels[j])
+        transfer.append((torch.einsum(_join_equation(labels[j], bra, bonds[j] + _prime(bonds[j])), core, core),
+                         bonds[j] + _prime(bonds[j])))
+
+    def needed(outside):  # the (ket and bra) bond labels still shared with the cores in ``outside``
+        keep = {x for j in outside for x in bonds[j]}
+        return keep | {x + "'" for x in keep}
+
+    def join(a, b, keep, order=None):
+        seen = list(dict.fromkeys(a[1] + b[1]))
+        out = tuple(order) if order is not None else tuple(x for x in seen if x in keep)
+        return torch.einsum(_join_equation(a[1], b[1], out), a[0], b[0]), out
+
+    prefix, suffix = [transfer[0]], [transfer[-1]]
+    for i in range(1, K - 1):
+        prefix.append(join(prefix[-1], transfer[i], needed(range(i + 1, K))))
+        suffix.append(join(transfer[K - 1 - i], suffix[-1], needed(range(0, K - 1 - i))))
+    suffix.reverse()  # suffix[i] covers cores i+1..K-1 for i in 0..K-2
+    grams = {}
+    for k in range(K):
+        parts = ([prefix[k - 1]] if k > 0 else []) + ([suffix[k]] if k < K - 1 else [])
+        if len(parts) == 2 and set(parts[0][1]) & set(parts[1][1]) - set(bonds[k]) - set(_prime(bonds[k])):
+            # a ring: the two halves meet around the back, one piece over both bonds
+            parts = [join(parts[0], parts[1], None, bonds[k] + _prime(bonds[k]))]
+        for tensor, have in parts:  # each part holds exactly the bonds of core k it touches, ket and bra
+            own = tuple(b for b in bonds[k] if b in have)
+            grams[(k, own)] = tensor.permute([have.index(x) for x in own + _prime(own)])
+    return grams
+
+
 def _solve_along(grad: torch.Tensor, labels: Sequence[str], bonds: Sequence[str], gram: torch.Tensor,
                  damping: float) -> torch.Tensor:
     """``grad`` with its ``bonds`` axes multiplied by (gram + damping · mean diag · I)⁻¹ (gram symmetric; its
@@ -116,17 +177,24 @@ def precondition_grads(module: nn.Module, grads: Sequence[torch.Tensor | None], 
     net = module.network
     plan = _plan(tuple(net.cores), tuple(sorted(net.sizes.items())))
     cores = [c.detach() for c in module.core_parameters()]
+    present = [g for g in grads if g is not None]
+    if not present:
+        return list(grads)
+    dtype = torch.promote_types(present[0].dtype, torch.float32)
+    chain = _chain_grams(net, [c.to(dtype) for c in cores]) if _is_chain(tuple(net.cores)) else None
     out = []
     for k, grad in enumerate(grads):
         if grad is None:
             out.append(None)
             continue
-        dtype = torch.promote_types(grad.dtype, torch.float32)
         work = grad.to(dtype)
         for members, bonds, contraction in plan[k]:
-            ops = [cores[j].to(dtype) for j in members]
             d = math.prod(net.sizes[b] for b in bonds)
-            gram = contraction(*ops, *ops).reshape(d, d)
+            if chain is not None:
+                gram = chain[(k, bonds)].reshape(d, d)
+            else:
+                ops = [cores[j].to(dtype) for j in members]
+                gram = contraction(*ops, *ops).reshape(d, d)
             work = _solve_along(work, net.cores[k], bonds, gram, damping)
         work = work / len(cores)
         out.append(torch.where(torch.isfinite(work).all(), work, grad.to(dtype)).to(grad.dtype))
