@@ -7,8 +7,9 @@ up through a file store (no port to pick). Scenarios (``all`` runs both):
 * ``ddp``: DAS, SAM and SAM with ``sync_first_pass=False`` under DistributedDataParallel, 20 steps each, every
   rank on its half of the same global batch;
 * ``fsdp``: DAS on an FSDP2 (``fully_shard``) model whose cores are DTensors sharded on dim 0 (torch backend,
-  and the Triton kernels on the local shards when ``TRITON_INTERPRET=1``), plus a check
-  that ``CoreLayout.stats()`` on sharded cores issues exactly one all-reduce and matches the full tensors;
+  and the Triton kernels on the local shards when ``TRITON_INTERPRET=1``; torch >= 2.9 only: older gloo sums
+  FSDP2 gradients), plus a check that ``CoreLayout.stats()`` on sharded cores issues exactly one all-reduce and
+  matches the full tensors, and ``core_groups``' refusal of FSDP2 over gloo on torch < 2.9;
 * ``strategy``: ``strategy="auto"`` on a fake clock that disagrees between the ranks (each rank's clock
   favours another strategy): every rank must still run the same strategy, the FLOP rule's, without timing;
   and a layer run on rank 0 alone must not issue a collective.
@@ -181,10 +182,54 @@ def triton_interpreted():
 
 
 def run_fsdp(rank, world):
-    results = {"stats": _check_sharded_stats(rank, world)}
+    from tnlayers._fsdp_check import FIRST_FIXED, _release
+
+    results = {"stats": _check_sharded_stats(rank, world), "refusal": _fsdp_refusal(world)}
+    if _release(torch.__version__) < FIRST_FIXED:
+        return results  # core_groups refuses FSDP2 over gloo there (gloo sums the gradients)
     for backend in ("torch", "triton") if triton_interpreted() else ("torch",):
         results[f"das-{backend}"], results[f"lambdas_nonzero-{backend}"] = _fsdp_das(rank, world, backend)
     return results
+
+
+def _fsdp_refusal(world):
+    """core_groups on FSDP2 models over gloo, with the check's torch version set to 2.8.0 (``old.*``) and left
+    as it is (``real``): the RuntimeError's message, or None. ``old.float32``: float32 gradients (averaged
+    with ReduceOp.AVG, which gloo summed); ``old.float16``: a float16 reduction (a pre/post-divided sum);
+    ``old.force_sum``: set_force_sum_reduction_for_comms(True) (torch >= 2.8 only)."""
+    import tnlayers
+    from tnlayers import _fsdp_check
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    def sharded(reduce_dtype=None):
+        model = make_model()
+        mesh = init_device_mesh("cpu", (world,))
+        policy = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
+        for module in model.modules():
+            if hasattr(module, "core_parameters"):
+                fully_shard(module, mesh=mesh, mp_policy=policy)
+        return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+    def refusal(model, version):
+        real, _fsdp_check.TORCH_VERSION = _fsdp_check.TORCH_VERSION, version
+        try:
+            tnlayers.core_groups(model)
+        except RuntimeError as error:
+            return str(error)
+        finally:
+            _fsdp_check.TORCH_VERSION = real
+        return None
+
+    out = {"old.float32": refusal(sharded(), "2.8.0+cu128"), "real": refusal(sharded(), torch.__version__),
+           "old.float16": refusal(sharded(torch.float16), "2.8.0+cu128")}
+    model = sharded()
+    if hasattr(model, "set_force_sum_reduction_for_comms"):
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_force_sum_reduction_for_comms(True)
+        out["old.force_sum"] = refusal(model, "2.8.0+cu128")
+    return out
 
 
 def _fsdp_das(rank, world, backend):

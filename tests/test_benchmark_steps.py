@@ -54,6 +54,22 @@ def test_adapter_step_runs_and_reports(tmp_path):
     assert [row.split("|")[3].strip() for row in rows] == ["Adam", "SAM", "DAS"]
 
 
+def test_adapter_step_peft_runs_and_reports(tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    out = tmp_path / "peft.md"
+    load("adapter_step").main(["--peft", "--batch", "2", "--seq", "8", "--rounds", "2", "--warmup", "1", "--steps", "1",
+                               "--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert list(data["results"]) == ["gpt2", "roberta"] and data["settings"]["dim"] == 32
+    for name, layers in (("gpt2", 2), ("roberta", 6)):  # LoRA on c_attn / on query, key and value of 2 layers
+        result = data["results"][name]
+        check_stats(result["medians"], result["spread"], ["AdamW", "DAS", "SAM"])
+        assert result["lora_layers"] == result["core_groups"] == layers and result["cores_rescaled_by_das"] == 2 * layers
+    rows = [line.split("|")[4].strip() for line in out.read_text().splitlines() if line.startswith("| gpt2 |")]
+    assert rows == ["AdamW", "DAS", "SAM"]
+
+
 def test_default_outputs_never_touch_committed_results(tmp_path, monkeypatch):
     """Without --out a benchmark writes to a git-ignored folder: rerunning one never overwrites a committed table."""
     import subprocess

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from test_optim_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 import _dist_workers as workers
+from tnlayers._fsdp_check import FIRST_FIXED, _release
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -73,6 +74,12 @@ def test_ddp_matches_one_process_on_the_global_batch(results, kind):
         assert max(abs(a - b) for a, b in zip(synced, results[0]["ddp.sam-local"][0])) > 1e-6
 
 
+# before torch 2.9 gloo's reduce-scatter took ReduceOp.AVG for a sum: FSDP2 gradients came out world-size times
+# the average, and core_groups refuses (test_fsdp2_over_gloo_is_refused_before_torch_2_9)
+GLOO_SUMS_FSDP2_GRADIENTS = _release(torch.__version__) < FIRST_FIXED
+
+
+@pytest.mark.skipif(GLOO_SUMS_FSDP2_GRADIENTS, reason="torch < 2.9 sums FSDP2 gradients over gloo")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fsdp2_das_matches_one_process_on_the_global_batch(results, backend):
     if f"fsdp.das-{backend}" not in results[0]:
@@ -81,6 +88,27 @@ def test_fsdp2_das_matches_one_process_on_the_global_batch(results, backend):
     for rank_results in results:
         assert rank_results[f"fsdp.lambdas_nonzero-{backend}"]
         assert_matches(rank_results[f"fsdp.das-{backend}"], reference)
+
+
+def test_fsdp2_over_gloo_is_refused_before_torch_2_9(results):
+    """core_groups raises on FSDP2 over gloo when torch is older than 2.9 (the check's version input set to
+    2.8.0 on any torch) and names the version to upgrade to; it accepts what old gloo got right (a float16
+    reduction, force-sum reductions); on the running torch it raises exactly when torch < 2.9."""
+    for rank_results in results:
+        refusal = rank_results["fsdp.refusal"]
+        message = refusal["old.float32"]
+        assert message is not None and "torch >= 2.9" in message and "2.8.0" in message
+        assert "2x the average" in message and "gloo" in message
+        assert refusal["old.float16"] is None
+        assert refusal.get("old.force_sum") is None
+        assert (refusal["real"] is not None) == GLOO_SUMS_FSDP2_GRADIENTS
+
+
+@pytest.mark.parametrize("version, release", [("2.8.0+cu128", (2, 8)), ("2.7.1", (2, 7)), ("2.9.0", (2, 9)),
+                                              ("2.10.0a0+git1234", (2, 10)), ("2.13.0+cpu", (2, 13))])
+def test_fsdp_check_reads_the_torch_release(version, release):
+    assert _release(version) == release
+    assert (release < FIRST_FIXED) == (version.startswith(("2.7", "2.8")))
 
 
 def test_sharded_core_stats_take_one_all_reduce(results):

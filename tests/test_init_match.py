@@ -103,6 +103,7 @@ def test_nn_default_std_formula():
     assert abs(float(weight.std()) / nn_default_std(256) - 1) < 0.01  # 131k samples: ~0.2% sampling error
 
 
+@pytest.mark.slow  # 20 random layers, ~11 s on 2 cores
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(kind=st.sampled_from(["conv", "linear"]), fmt=st.sampled_from(FORMATS),
        c_in=st.sampled_from([4, 8, 12, 16, 30]), c_out=st.sampled_from([4, 8, 16, 20, 32]),

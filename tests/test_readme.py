@@ -10,7 +10,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_usage_example_runs(capsys):
-    (code,) = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    code = re.findall(r"```python\n(.*?)```", README, flags=re.S)[0]  # the usage example comes first
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
     # the totals the README claims for the tensorized ResNet-32 are the real ones: summary's footer prints
@@ -22,6 +22,16 @@ def test_usage_example_runs(capsys):
     assert (claimed, claimed_dense) == (params, dense)
     footer = capsys.readouterr().out.strip().splitlines()[-1]
     assert footer.startswith(f"total: {params:,} parameters (dense: {dense:,}, {dense / params:.2f}x smaller)"), footer
+
+
+def test_peft_example_runs(capsys):
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "import peft" in c]
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    names = eval(capsys.readouterr().out.strip().splitlines()[-1])  # the printed group names
+    assert names == [f"base_model.model.transformer.h.{i}.attn.c_attn[default]" for i in range(2)]
+    groups = {id(p) for _, cores in tnlayers.core_groups(scope["model"]) for p in cores}
+    assert groups and all(id(p) in groups for n, p in scope["model"].named_parameters() if "lora_" in n)
 
 
 def test_ci_runs_the_readme_test_command():

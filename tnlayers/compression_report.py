@@ -100,7 +100,16 @@ def summary(model: nn.Module, print_table: bool = True) -> Summary:
     and the totals, dense vs tensorized. Prints the table unless ``print_table=False``, and returns a
     :class:`Summary` (``rows``, ``params``, ``dense_params``, ``dense_layers``, ``larger``, and ``table``, the
     printed text). Call it as a statement: the returned object prints as one line, not as the table again
-    (``print(summary(model))`` shows the table once, then that line)."""
+    (``print(summary(model))`` shows the table once, then that line).
+
+        >>> import tnlayers
+        >>> model = tnlayers.models.tr_resnet20(rank=4)
+        >>> report = tnlayers.summary(model, print_table=False)  # print_table=True (default) prints report.table
+        >>> len(report), report.params < report.dense_params, report.dense_layers
+        (19, True, ['fc'])
+        >>> print(report.table.splitlines()[0])
+        layer  format  shape  ranks  params  dense  vs dense  error  Q
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"summary expects an nn.Module, got {type(model).__name__}")
     if not isinstance(print_table, bool):

@@ -33,15 +33,48 @@ _BATCH = "_batch"  # label of the input's batch axis (never clashes with m*/r*)
 NOMINAL_ROWS = 1024  # batch size a linear layer's factorized path is planned for when it cannot be re-planned
 
 
+def pairwise_steps(equation: str, path: Sequence[Sequence[int]]) -> Tuple[Tuple[Tuple[int, ...], str], ...]:
+    """The pairwise einsums that carry out ``equation`` along ``path`` (opt_einsum's documented return: a
+    list of tuples of positions in the working list), as ``(positions descending, step equation)``.
+
+    Built here rather than read from ``PathInfo.contraction_list``, whose tuple layout opt_einsum does not
+    document. Same rule as opt_einsum's own executor: an intermediate keeps the labels still needed (by
+    the output or an operand not yet contracted), in the order they first appear among its inputs; the
+    last step writes the output's labels."""
+    inputs, arrow, output = equation.replace(" ", "").partition("->")
+    if not arrow or "." in equation:
+        raise ValueError(f"expected an explicit equation without ellipsis ('ab,bc->ac'), got {equation!r}")
+    work = inputs.split(",")
+    steps = []
+    for n, positions in enumerate(path):
+        positions = tuple(sorted(positions, reverse=True))
+        picked = [work.pop(i) for i in positions]
+        if n == len(path) - 1:
+            result = output
+        else:
+            joined = "".join(picked)
+            needed = set(output).union(*work)
+            result = "".join(sorted(set(joined) & needed, key=joined.find))
+        work.append(result)
+        steps.append((positions, ",".join(picked) + "->" + result))
+    if len(work) != 1:
+        raise ValueError(f"path {path!r} leaves {len(work)} operands of {equation!r}, not one")
+    return tuple(steps)
+
+
 class Contraction:
     """An einsum over fixed operand shapes, as opt_einsum's pairwise steps: ``(positions, equation)``,
-    the operands at ``positions`` (descending) popped from the working list and their einsum appended."""
+    the operands at ``positions`` (descending) popped from the working list and their einsum appended.
+
+    Of opt_einsum it uses only ``contract_path(..., shapes=True)`` (opt_einsum >= 3.3), the returned path
+    and the FLOP estimate ``PathInfo.opt_cost``; tests/test_contract_upstream.py checks both against the
+    installed opt_einsum."""
 
     def __init__(self, equation: str, shapes: Tuple[Tuple[int, ...], ...]):
-        _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="auto")
+        path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="auto")
         self.equation = equation
         self.cost = int(info.opt_cost)
-        self.steps = tuple((tuple(positions), step) for positions, _, step, _, _ in info.contraction_list)
+        self.steps = pairwise_steps(equation, path)
 
     def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
         work = list(operands)

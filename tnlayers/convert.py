@@ -13,7 +13,7 @@ import copy
 import math
 import sys
 from collections.abc import Mapping
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from .layers.tensorized import TensorizedLayer
 from .selection import _check_eager, _swap
 from .sharing import UNTIE_HINT, module_aliases, tied_parameters
 from .strategy import check_strategy
+from .types import ExampleInputs, Filter, FormatSpec, LayerRank, LayerShapes
 from .compression_report import Summary, summary
 
 __all__ = ["tensorize", "summary", "to_dense", "TYPE_MAP", "Summary"]
@@ -107,9 +108,10 @@ def _show_progress(progress: Optional[bool]) -> bool:
     return progress
 
 
-def tensorize(model: nn.Module, format="tt", rank=None, filter=None, init: str = "random", shapes=None,
-              strategy: str = "auto", inplace: bool = True, *, progress: Optional[bool] = None,
-              decomposition_options: Optional[dict] = None, example_inputs=None) -> nn.Module:
+def tensorize(model: nn.Module, format: FormatSpec = "tt", rank: Optional[LayerRank] = None, filter: Filter = None,
+              init: str = "random", shapes: LayerShapes = None, strategy: str = "auto", inplace: bool = True, *,
+              progress: Optional[bool] = None, decomposition_options: Optional[Dict[str, Any]] = None,
+              example_inputs: ExampleInputs = None) -> nn.Module:
     """Replace the model's ``nn.Conv2d``/``nn.Linear`` modules (subclasses too) by tensorized layers.
 
     Args:
@@ -142,6 +144,20 @@ def tensorize(model: nn.Module, format="tt", rank=None, filter=None, init: str =
     serve both). A module registered in several places is tensorized once, the same new layer in each
     place. Selected layers already tensorized in the asked format are left as they are; in another format,
     a ValueError (``to_dense`` first). With nothing to tensorize, warns and returns ``model`` unchanged.
+
+    Example::
+
+        >>> import torch, tnlayers
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+        ...                       nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+        >>> model = tnlayers.tensorize(model, format="tucker", rank=4)  # the classifier (last Linear) stays dense
+        >>> [type(m).__name__ for m in model]
+        ['TuckerConv2d', 'ReLU', 'TuckerConv2d', 'Flatten', 'Linear']
+        >>> model(torch.randn(2, 3, 4, 4)).shape
+        torch.Size([2, 10])
+        >>> tnlayers.tensorize(nn.Sequential(nn.Linear(64, 64)), rank={"0": 0.5}, filter=["0"])[0].format
+        'tt'
     """
     _check_eager(model, "tensorize")
     if rank is None:
@@ -202,7 +218,14 @@ def to_dense(model: nn.Module, inplace: bool = True) -> nn.Module:
     """Replace every tensorized layer by a plain ``nn.Conv2d``/``nn.Linear`` holding its reconstructed
     weight (same stride/padding/dilation/padding_mode/bias/device/dtype): for export and deployment.
     A layer registered in several places becomes one dense module in all of them; layers sharing cores
-    or a bias with another module stay tensorized, with a warning (two dense copies would untie them)."""
+    or a bias with another module stay tensorized, with a warning (two dense copies would untie them).
+
+        >>> import torch, tnlayers
+        >>> layer = tnlayers.TRConv2d(16, 16, 3, padding=1, rank=4)
+        >>> dense = tnlayers.to_dense(torch.nn.Sequential(layer))[0]
+        >>> type(dense).__name__, torch.allclose(dense.weight, layer.weight)
+        ('Conv2d', True)
+    """
     _check_eager(model, "to_dense")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False, got {inplace!r}")

@@ -38,7 +38,7 @@ from torch import nn
 
 from .contract import Contraction
 from .formats.network import einsum_equation
-from .groups import core_groups
+from .groups import core_groups, group_module
 from .layers.factorized_tensor import FactorizedTensor
 from .layers.tensorized import TensorizedLayer
 
@@ -209,16 +209,22 @@ def precondition_core_grads_(model: nn.Module, damping: float = 1e-2) -> None:
     ``torch.optim`` optimizers (tnlayers' SAM/DAS/BAR compute their own steps from the raw gradients).
 
     Acts on :class:`~tnlayers.TensorizedLinear`/:class:`~tnlayers.TensorizedConv2d` (all named formats) and
-    :class:`~tnlayers.FactorizedTensor`; adapters are left alone (their zero-initialized update makes the
+    :class:`~tnlayers.FactorizedTensor`; adapters (tnlayers' and PEFT's) are left alone (their zero-initialized update makes the
     Gram matrices vanish, and the scaled step of a vanishing core is unbounded). ``damping`` (δ ≥ 0, relative
     to each Gram matrix's mean diagonal) bounds the step where a core's environment is rank-deficient (a rank
     above a mode's size).
 
     Example::
 
-        loss.backward()
-        tnlayers.precondition_core_grads_(model)
-        opt.step()
+        >>> import torch, tnlayers
+        >>> model = torch.nn.Sequential(tnlayers.TTLinear(16, 16, rank=2), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> model(torch.randn(8, 16)).pow(2).mean().backward()
+        >>> raw = [c.grad.clone() for c in model[0].cores]
+        >>> tnlayers.precondition_core_grads_(model)  # between backward() and step()
+        >>> any(not torch.equal(c.grad, g) for c, g in zip(model[0].cores, raw))  # the cores' gradients, rescaled
+        True
+        >>> opt.step()
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"precondition_core_grads_ expects an nn.Module, got {type(model).__name__}")
@@ -229,7 +235,7 @@ def precondition_core_grads_(model: nn.Module, damping: float = 1e-2) -> None:
     damping = float(damping)
     seen = set()
     for name, cores in core_groups(model):
-        module = model.get_submodule(name) if name else model
+        module = group_module(model, name)
         if not isinstance(module, (TensorizedLayer, FactorizedTensor)) or id(cores[0]) in seen:
             continue  # a layer shared by two parents is preconditioned once
         seen.add(id(cores[0]))

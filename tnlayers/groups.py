@@ -5,6 +5,9 @@ leaves the layer unchanged. Optimizers (SAM, DAS, BAR) and metrics work per such
 parameter carries a small marker (``_tn_group``: a token unique to its layer, ``_tn_core``: its index in
 the group, ``_tn_group_size``: how many cores the group has), so an optimizer handed plain ``model.parameters()`` can still tell the groups apart.
 
+PEFT adapters (LoRA, LoHa, LoKr) are groups too, recognized only when the user has imported peft
+(:mod:`tnlayers.integrations.peft`, loaded lazily from here).
+
 Markers live on the parameter objects, which ``copy.deepcopy`` does not preserve; the layers re-mark
 themselves after unpickling/deepcopy, and :func:`core_groups` re-marks every group it finds.
 """
@@ -44,13 +47,24 @@ def core_groups(model: nn.Module) -> List[Tuple[str, List[nn.Parameter]]]:
     """``[(module_name, [core, ...]), ...]`` for every module holding a core group, in module order.
 
     A module holds a group when it defines ``core_parameters()`` (every tnlayers layer and
-    :class:`~tnlayers.FactorizedTensor` does). The markers of each group are refreshed, so the result
+    :class:`~tnlayers.FactorizedTensor` does). When peft is imported, a PEFT LoRA, LoHa or LoKr layer holds one
+    group per adapter, named ``"<layer>[<adapter>]"`` (:mod:`tnlayers.integrations.peft` says which factors
+    and why). The markers of each group are refreshed, so the result
     is right even after the model was deep-copied or its parameters replaced. Call it after FSDP's
     ``fully_shard``: it also turns the layers' no-grad weight cache off there.
+
+        >>> import torch, tnlayers
+        >>> model = torch.nn.Sequential(tnlayers.TTLinear(16, 16, rank=2), torch.nn.Linear(16, 4))
+        >>> [(name, len(cores)) for name, cores in tnlayers.core_groups(model)]
+        [('0', 6)]
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"core_groups expects an nn.Module, got {type(model).__name__}")
     sharded = _fsdp_sharded(model)
+    if sharded:  # torch < 2.9 sums FSDP2 gradients over gloo instead of averaging them: refuse to go on
+        from ._fsdp_check import check_fsdp2_gradient_averaging
+        check_fsdp2_gradient_averaging(model)
+    peft = _peft_integration()
     groups = []
     for name, module in model.named_modules():
         get_cores = getattr(module, "core_parameters", None)
@@ -60,10 +74,55 @@ def core_groups(model: nn.Module) -> List[Tuple[str, List[nn.Parameter]]]:
                 # weight cache keys on: under FSDP the layers rebuild the weight on every call
                 module.cache_weight = False
             cores = list(get_cores())
-            if [group_of(c) for c in cores] != [group_of(cores[0])] * len(cores) or group_of(cores[0]) is None:
-                mark_core_group(cores)
+            _refresh_markers(cores)
             groups.append((name, cores))
+        elif peft is not None:  # a PEFT LoRA/LoHa/LoKr layer: one group per adapter, named "layer[adapter]"
+            for adapter, cores in peft.adapter_groups(module):
+                _refresh_markers(cores)
+                groups.append((f"{name}[{adapter}]", cores))
     return groups
+
+
+def _refresh_markers(cores: Sequence[torch.Tensor]) -> None:
+    """Mark ``cores`` as one group unless they already carry one group's markers."""
+    if [group_of(c) for c in cores] != [group_of(cores[0])] * len(cores) or group_of(cores[0]) is None:
+        mark_core_group(cores)
+
+
+def group_module(model: nn.Module, name: str) -> nn.Module:
+    """The module of ``model`` holding the group ``name`` of :func:`core_groups`; for a PEFT group
+    ``"<layer>[<adapter>]"``, the PEFT layer."""
+    if name.endswith("]") and "[" in name:
+        name = name[:name.rindex("[")]
+    return model.get_submodule(name) if name else model
+
+
+def _peft_integration():
+    """``tnlayers.integrations.peft`` when the user has imported peft, else None (tnlayers never imports peft)."""
+    if "peft" not in sys.modules:
+        return None
+    from .integrations import peft
+    return peft
+
+
+def mark_peft_groups(params: Iterable[torch.Tensor]) -> int:
+    """Mark the PEFT adapter groups holding any unmarked parameter of ``params``; returns how many were marked.
+
+    DAS and BAR call it at construction, so plain ``model.parameters()`` of a PEFT model finds its groups without
+    a prior :func:`core_groups`; it scans the live PEFT layers (:func:`tnlayers.integrations.peft.live_tuner_layers`),
+    only when peft is imported and some parameter is unmarked.
+    """
+    peft = _peft_integration()
+    unmarked = {id(p) for p in params if group_of(p) is None} if peft is not None else set()
+    if not unmarked:
+        return 0
+    marked = 0
+    for layer in peft.live_tuner_layers():
+        for _, cores in peft.adapter_groups(layer):
+            if any(id(c) in unmarked for c in cores):
+                _refresh_markers(cores)
+                marked += 1
+    return marked
 
 
 def _fsdp_sharded(model: nn.Module) -> bool:

@@ -21,18 +21,24 @@ Opt-in, and measured not to prevent divergence of BN-free CNNs at the dense lr: 
 scale during training, which a match at init does not follow (``benchmarks/results/lr_transfer.md``,
 ``docs/design.md``). :func:`tnlayers.precondition_core_grads_` follows it at every step instead (ρ ≤ 1 at
 any scale).
+
+    >>> import torch, tnlayers
+    >>> model = torch.nn.Sequential(tnlayers.TuckerLinear(16, 16, rank=4), torch.nn.Linear(16, 2))
+    >>> opt = torch.optim.SGD(tnlayers.lr.param_groups(model, lr=0.05), momentum=0.9)
+    >>> sorted({round(g["lr"] / 0.05, 6) == 1.0 for g in opt.param_groups})  # the cores' lrs differ from 0.05
+    [False, True]
 """
 from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ._caller import warn_user
-from .groups import core_groups
+from .groups import core_groups, group_module
 
 __all__ = ["param_groups", "core_lr_multipliers", "step_ratio"]
 
@@ -59,12 +65,19 @@ def _first_order_step(network, cores, grads, multipliers) -> torch.Tensor:
     return total
 
 
-def step_ratio(module: nn.Module, grad: torch.Tensor | None = None, multipliers: Sequence[float] | None = None,
-               generator: torch.Generator | None = None) -> float:
+def step_ratio(module: nn.Module, grad: Optional[torch.Tensor] = None, multipliers: Optional[Sequence[float]] = None,
+               generator: Optional[torch.Generator] = None) -> float:
     """First-order ‖ΔW_cores‖ / ‖ΔW_dense‖ of one SGD step (any lr) for the core module ``module`` (a
     tnlayers layer, :class:`~tnlayers.FactorizedTensor` or adapter) with per-core lr ``multipliers``
     (default 1). ``grad``: ∂L/∂W in the network's mode order (``layer._weight_to_modes(G)`` for a layer's
-    weight-shaped G); default a standard Gaussian drawn from ``generator``. Computed in float64."""
+    weight-shaped G); default a standard Gaussian drawn from ``generator``. Computed in float64.
+
+        >>> import torch, tnlayers
+        >>> layer = tnlayers.TuckerLinear(64, 64, rank=4)
+        >>> ratio = tnlayers.lr.step_ratio(layer, generator=torch.Generator().manual_seed(0))
+        >>> isinstance(ratio, float) and ratio > 0
+        True
+    """
     network = module.network
     cores = [c.detach().to(torch.float64).requires_grad_() for c in module.core_parameters()]
     multipliers = [1.0] * len(cores) if multipliers is None else [float(m) for m in multipliers]
@@ -83,13 +96,20 @@ def step_ratio(module: nn.Module, grad: torch.Tensor | None = None, multipliers:
 
 
 def core_lr_multipliers(module: nn.Module, target: float = 1.0, seed: int = 0,
-                        probes: int | None = None) -> List[float] | None:
+                        probes: Optional[int] = None) -> Optional[List[float]]:
     """The multipliers m_k = c · ‖G_k‖²/‖W‖² of ``module``'s cores (see the module docstring), or ``None``
     when they are undefined: W or a core is zero (a zero-initialized adapter update) or not finite. c makes
     the root mean square of the ratio over Gaussian gradients equal ``target`` (the mean square is what a
     random G sees on average). ``probes``: how many gradients; default: drawn until the mean square's
     standard error is within 4% of it (the root mean square then within ~2%), at least 8 and at most 128 -
-    one probe's ratio varies by up to ~30% (std/mean), on small and large layers alike."""
+    one probe's ratio varies by up to ~30% (std/mean), on small and large layers alike.
+
+        >>> import tnlayers
+        >>> layer = tnlayers.TuckerLinear(64, 64, rank=4)
+        >>> multipliers = tnlayers.lr.core_lr_multipliers(layer, probes=8)
+        >>> len(multipliers) == len(layer.cores), all(m > 0 for m in multipliers)
+        (True, True)
+    """
     target = _check_positive("target", target)
     network = module.network
     with torch.no_grad():
@@ -137,7 +157,12 @@ def param_groups(model: nn.Module, lr: float, *, target: float = 1.0, seed: int 
 
     Example::
 
-        opt = torch.optim.SGD(tnlayers.param_groups(model, lr=0.05), momentum=0.9)
+        >>> import torch, tnlayers
+        >>> model = torch.nn.Sequential(tnlayers.TuckerLinear(16, 16, rank=4), torch.nn.Linear(16, 2))
+        >>> groups = tnlayers.lr.param_groups(model, lr=0.05, momentum=0.9)
+        >>> [(len(g["params"]), g.get("layer")) for g in groups]  # the dense parameters, then one group per core
+        [(3, None), (1, '0'), (1, '0'), (1, '0')]
+        >>> opt = torch.optim.SGD(groups, momentum=0.9)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"param_groups expects an nn.Module, got {type(model).__name__}")
@@ -153,7 +178,7 @@ def param_groups(model: nn.Module, lr: float, *, target: float = 1.0, seed: int 
     for name, cores in core_groups(model):
         if any(id(c) in seen for c in cores):
             continue  # a group shared by two modules: its lrs come from the first
-        module = model.get_submodule(name) if name else model
+        module = group_module(model, name)
         multipliers = core_lr_multipliers(module, target, seed) if hasattr(module, "network") else None
         if multipliers is None:
             unmatched.append(name or type(module).__name__)

@@ -7,6 +7,15 @@
 - ``tr_resnet20`` / ``tr_resnet32``: Tensor-Ring, every conv (stem included) with the paper's Table 8
   shapes, fc dense (rank 15: 0.20M parameters for ResNet-32).
 - ``tt_resnet18``: Tensor-Train 3x3 convs of layer1..layer4 with the paper's Table 9 ranks (4.4M).
+- ``TABLE9``: those ranks, ``{conv name: (1, r1, r2, 1)}`` (read-only), a ``rank=`` mapping for ``tensorize``.
+
+    >>> import tnlayers
+    >>> from tnlayers.models import TABLE9
+    >>> len(TABLE9), TABLE9["layer2.0.conv1"]
+    (16, (1, 120, 60, 1))
+    >>> model = tnlayers.tensorize(tnlayers.models.resnet18(), format="tt", rank=TABLE9)  # TT-ResNet-18
+    >>> type(model.layer2[0].conv1).__name__, type(model.conv1).__name__
+    ('TTConv2d', 'Conv2d')
 """
 from __future__ import annotations
 
@@ -18,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .convert import tensorize
+from .types import LayerRank
 
 __all__ = ["BasicBlock", "ShortcutA", "CifarResNet", "ResNet", "cifar_resnet", "resnet20", "resnet32",
            "resnet18", "tr_resnet20", "tr_resnet32", "tt_resnet18", "TABLE9"]
@@ -43,7 +53,13 @@ def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
 
 class ShortcutA(nn.Module):
     """Option-A shortcut (He et al., CIFAR): subsample by ``stride`` and zero-pad the new channels evenly
-    on both sides. No parameters, so the CIFAR ResNets' counts are those of the paper."""
+    on both sides. No parameters, so the CIFAR ResNets' counts are those of the paper.
+
+        >>> import torch
+        >>> from tnlayers.models import ShortcutA
+        >>> ShortcutA(4, 8, stride=2)(torch.randn(1, 4, 8, 8)).shape
+        torch.Size([1, 8, 4, 4])
+    """
 
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
@@ -60,7 +76,13 @@ class ShortcutA(nn.Module):
 
 class BasicBlock(nn.Module):
     """Two 3x3 convs with batch norm and a residual connection; torchvision's names (conv1, bn1, conv2,
-    bn2, downsample). ``downsample`` maps the input to the output's shape when they differ (None: identity)."""
+    bn2, downsample). ``downsample`` maps the input to the output's shape when they differ (None: identity).
+
+        >>> import torch
+        >>> from tnlayers.models import BasicBlock, ShortcutA
+        >>> BasicBlock(8, 16, stride=2, downsample=ShortcutA(8, 16, 2))(torch.randn(1, 8, 8, 8)).shape
+        torch.Size([1, 16, 4, 4])
+    """
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1, downsample: Optional[nn.Module] = None):
         super().__init__()
@@ -89,7 +111,14 @@ def _init_weights(model: nn.Module) -> None:
 
 class CifarResNet(nn.Module):
     """He et al.'s CIFAR ResNet of depth 6n+2: 3x3 stem to 16 channels, three stages of n blocks
-    (16, 32, 64 channels; stride 2 entering stages 2 and 3; option-A shortcuts), global pool, fc."""
+    (16, 32, 64 channels; stride 2 entering stages 2 and 3; option-A shortcuts), global pool, fc.
+
+        >>> import torch
+        >>> from tnlayers.models import CifarResNet
+        >>> model = CifarResNet(8, num_classes=10, widths=(4, 8, 16))
+        >>> model(torch.randn(2, 3, 16, 16)).shape, sum(p.numel() for p in model.parameters())
+        (torch.Size([2, 10]), 5006)
+    """
 
     def __init__(self, depth: int, num_classes: int = 10, widths: Sequence[int] = (16, 32, 64)):
         super().__init__()
@@ -122,7 +151,13 @@ class CifarResNet(nn.Module):
 
 class ResNet(nn.Module):
     """The ImageNet ResNet of BasicBlocks (He et al.), laid out and named as torchvision's: 7x7 stride-2
-    stem, max pool, four stages (64..512 channels, 1x1 conv + batch norm shortcuts), global pool, fc."""
+    stem, max pool, four stages (64..512 channels, 1x1 conv + batch norm shortcuts), global pool, fc.
+
+        >>> from tnlayers.models import ResNet
+        >>> model = ResNet((1, 1, 1, 1), num_classes=10)  # ResNet-10
+        >>> [name for name, _ in model.named_children()]
+        ['conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4', 'avgpool', 'fc']
+    """
 
     def __init__(self, blocks: Sequence[int] = (2, 2, 2, 2), num_classes: int = 1000):
         super().__init__()
@@ -154,38 +189,75 @@ class ResNet(nn.Module):
 
 
 def cifar_resnet(depth: int, num_classes: int = 10, widths: Sequence[int] = (16, 32, 64)) -> CifarResNet:
-    """CIFAR ResNet of depth 6n+2 (``widths``: channels per stage; narrower ones make quick tests)."""
+    """CIFAR ResNet of depth 6n+2 (``widths``: channels per stage; narrower ones make quick tests).
+
+        >>> import tnlayers
+        >>> len(tnlayers.models.cifar_resnet(14, widths=(4, 8, 16)).layer1)  # n = (14 - 2) / 6 blocks per stage
+        2
+    """
     return CifarResNet(depth, num_classes, widths)
 
 
 def resnet20(num_classes: int = 10) -> CifarResNet:
-    """CIFAR ResNet-20 (0.27M parameters)."""
+    """CIFAR ResNet-20 (0.27M parameters).
+
+        >>> import tnlayers
+        >>> sum(p.numel() for p in tnlayers.models.resnet20().parameters())
+        269722
+    """
     return CifarResNet(20, num_classes)
 
 
 def resnet32(num_classes: int = 10) -> CifarResNet:
-    """CIFAR ResNet-32 (0.46M parameters)."""
+    """CIFAR ResNet-32 (0.46M parameters).
+
+        >>> import tnlayers
+        >>> sum(p.numel() for p in tnlayers.models.resnet32(num_classes=10).parameters())
+        464154
+    """
     return CifarResNet(32, num_classes)
 
 
 def resnet18(num_classes: int = 1000) -> ResNet:
-    """ImageNet ResNet-18 without torchvision (same module names and parameter count, 11,689,512)."""
+    """ImageNet ResNet-18 without torchvision (same module names and parameter count, 11,689,512).
+
+        >>> import tnlayers
+        >>> sum(p.numel() for p in tnlayers.models.resnet18().parameters())
+        11689512
+    """
     return ResNet((2, 2, 2, 2), num_classes)
 
 
-def tr_resnet20(rank=15, num_classes: int = 10, strategy: str = "auto") -> CifarResNet:
-    """TR-ResNet-20: every conv Tensor-Ring (Table 8 shapes), fc dense."""
+def tr_resnet20(rank: LayerRank = 15, num_classes: int = 10, strategy: str = "auto") -> CifarResNet:
+    """TR-ResNet-20: every conv Tensor-Ring (Table 8 shapes), fc dense.
+
+        >>> import tnlayers
+        >>> model = tnlayers.models.tr_resnet20(rank=15)
+        >>> type(model.conv1).__name__, type(model.fc).__name__, sum(p.numel() for p in model.parameters())
+        ('TRConv2d', 'Linear', 123076)
+    """
     return tensorize(resnet20(num_classes), format="tr", rank=rank, strategy=strategy)
 
 
-def tr_resnet32(rank=15, num_classes: int = 10, strategy: str = "auto") -> CifarResNet:
-    """TR-ResNet-32 of the paper: every conv Tensor-Ring (Table 8 shapes), fc dense; rank 15 -> 0.20M."""
+def tr_resnet32(rank: LayerRank = 15, num_classes: int = 10, strategy: str = "auto") -> CifarResNet:
+    """TR-ResNet-32 of the paper: every conv Tensor-Ring (Table 8 shapes), fc dense; rank 15 -> 0.20M.
+
+        >>> import tnlayers
+        >>> sum(p.numel() for p in tnlayers.models.tr_resnet32().parameters())
+        202272
+    """
     return tensorize(resnet32(num_classes), format="tr", rank=rank, strategy=strategy)
 
 
-def tt_resnet18(ranks=None, num_classes: int = 1000, strategy: str = "auto") -> ResNet:
+def tt_resnet18(ranks: Optional[LayerRank] = None, num_classes: int = 1000, strategy: str = "auto") -> ResNet:
     """TT-ResNet-18 of the paper: the 3x3 convs of layer1..layer4 in Tensor-Train with ``ranks`` (default
     ``TABLE9``; a ``{name: rank}`` mapping selects the layers it names), the rest dense: 4.4M parameters.
-    To compress a trained ResNet-18 instead: ``tensorize(model, rank=TABLE9, init="decompose")``."""
+    To compress a trained ResNet-18 instead: ``tensorize(model, rank=TABLE9, init="decompose")``.
+
+        >>> import tnlayers
+        >>> model = tnlayers.models.tt_resnet18(ranks={"layer1.0.conv1": 8})  # only the layers named
+        >>> model.layer1[0].conv1.ranks, type(model.layer1[0].conv2).__name__
+        ({'r1': 8, 'r2': 8}, 'Conv2d')
+    """
     return tensorize(resnet18(num_classes), format="tt", rank=TABLE9 if ranks is None else ranks,
                      strategy=strategy)

@@ -13,7 +13,16 @@ __all__ = ["get_rng_state", "set_rng_state", "check_rng_state"]
 
 
 def get_rng_state() -> Dict[str, Any]:
-    """Every global RNG state as plain Python/torch objects (loadable with ``weights_only=True``)."""
+    """Every global RNG state as plain Python/torch objects (loadable with ``weights_only=True``).
+
+        >>> import torch
+        >>> from tnlayers.training import get_rng_state, set_rng_state
+        >>> state = get_rng_state()
+        >>> first = torch.rand(3)
+        >>> set_rng_state(state)
+        >>> torch.equal(torch.rand(3), first)
+        True
+    """
     state: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": _to_lists(random.getstate())}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -36,7 +45,16 @@ def check_rng_state(state: Any) -> None:
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore what :func:`get_rng_state` returned."""
+    """Restore what :func:`get_rng_state` returned.
+
+        >>> import random
+        >>> from tnlayers.training import get_rng_state, set_rng_state
+        >>> state = get_rng_state()
+        >>> draws = [random.random() for _ in range(3)]
+        >>> set_rng_state(state)
+        >>> [random.random() for _ in range(3)] == draws
+        True
+    """
     check_rng_state(state)
     torch.set_rng_state(state["torch"])
     if "python" in state:

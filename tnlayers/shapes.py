@@ -45,6 +45,10 @@ def tensorize_dim(n: int, max_modes: int = 3) -> Tuple[int, ...]:
 
     Prime factors, largest first, each go to the currently smallest factor:
     16 -> (4, 2, 2), 32 -> (4, 4, 2), 64 -> (4, 4, 4), 3 -> (3,)  (the paper's Table 8 shapes).
+
+        >>> import tnlayers
+        >>> tnlayers.tensorize_dim(64), tnlayers.tensorize_dim(48), tnlayers.tensorize_dim(30, max_modes=2)
+        ((4, 4, 4), (4, 4, 3), (6, 5))
     """
     if isinstance(n, bool) or not isinstance(n, Integral) or n < 1:
         raise ValueError(f"a dimension to tensorize must be a positive int, got {n!r}")

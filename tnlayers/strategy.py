@@ -63,7 +63,15 @@ def check_strategy(strategy, allow_none: bool = False, name: str = "strategy") -
 
 
 def get_strategy() -> Optional[str]:
-    """The strategy forced on every tensorized layer by :class:`set_strategy`, or None (each its own)."""
+    """The strategy forced on every tensorized layer by :class:`set_strategy`, or None (each its own).
+
+        >>> import tnlayers
+        >>> tnlayers.get_strategy() is None
+        True
+        >>> with tnlayers.set_strategy("flops"):
+        ...     tnlayers.get_strategy()
+        'flops'
+    """
     return _override
 
 
@@ -76,6 +84,16 @@ class set_strategy:
         tnlayers.set_strategy("dense")           # from now on
         with tnlayers.set_strategy("factorized"):
             y = model(x)                          # only here
+
+    ``"flops"`` decides by the FLOP estimate alone, never timing: the same choice in every run (bitwise-
+    reproducible runs).
+
+        >>> import torch, tnlayers
+        >>> layer = tnlayers.TTLinear(16, 16, rank=2)
+        >>> with tnlayers.set_strategy("dense"):
+        ...     _ = layer(torch.randn(4, 16))
+        >>> layer.last_strategy, tnlayers.get_strategy()
+        ('dense', None)
     """
 
     def __init__(self, strategy: Optional[str]):

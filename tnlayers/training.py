@@ -19,6 +19,15 @@ restored is rolled back: loading is all or nothing.
 
 Under DistributedDataParallel every rank holds the same state: save on rank 0 only, load on every rank.
 FSDP2-sharded models need ``torch.distributed.checkpoint`` instead (not handled here).
+
+    >>> import os, tempfile, torch, tnlayers
+    >>> model = torch.nn.Sequential(tnlayers.TTLinear(16, 16, rank=2), torch.nn.Linear(16, 2))
+    >>> opt = tnlayers.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    >>> scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=10)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = tnlayers.training.save_checkpoint(os.path.join(folder, "last.pt"), model, opt, scheduler, step=0)
+    ...     tnlayers.training.load_checkpoint(path, model, opt, scheduler)["step"]
+    0
 """
 from __future__ import annotations
 
@@ -103,6 +112,16 @@ def save_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
     the file loads with ``weights_only=True`` (anything else is a TypeError here, not at load). The parent
     directory must exist. A failed write (disk full) raises an OSError and leaves ``path`` as it was.
     Returns the path.
+
+        >>> import os, tempfile, torch, tnlayers
+        >>> from tnlayers.training import load_checkpoint, save_checkpoint
+        >>> model = torch.nn.Sequential(tnlayers.TTLinear(16, 16, rank=2), torch.nn.Linear(16, 2))
+        >>> opt = tnlayers.DAS(model.parameters(), torch.optim.SGD, alpha=0.05, lr=0.1)
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> path = save_checkpoint(os.path.join(folder.name, "last.pt"), model, opt, step=7, extra={"best": 0.9})
+        >>> load_checkpoint(path, model, opt)
+        {'step': 7, 'extra': {'best': 0.9}}
+        >>> folder.cleanup()
     """
     path = _check_path(path)
     _check_module("model", model, nn.Module, required=True)
@@ -268,6 +287,21 @@ def load_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
     Should a restore step still fail, everything already restored is rolled back and the error re-raised.
     Build the optimizer on the model's parameters *before* loading (as for ``torch.optim``); the model's
     parameters are copied in place, so the optimizer keeps referring to them.
+
+        >>> import os, tempfile, torch, tnlayers
+        >>> from tnlayers.training import load_checkpoint, save_checkpoint
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> path = save_checkpoint(os.path.join(folder.name, "last.pt"), tnlayers.TTLinear(16, 16, rank=2), step=3)
+        >>> resumed = tnlayers.TTLinear(16, 16, rank=2)  # e.g. in a fresh process
+        >>> info = load_checkpoint(path, resumed)
+        >>> start = info["step"] + 1
+        >>> start
+        4
+        >>> load_checkpoint(path, tnlayers.TRLinear(16, 16, rank=2))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: ...
+        >>> folder.cleanup()
     """
     path = _check_path(path)
     _check_module("model", model, nn.Module, required=True)

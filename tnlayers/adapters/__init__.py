@@ -6,7 +6,22 @@ group, so SAM, DAS and BAR act on them.
 * :func:`merge` / :func:`unmerge` fold ΔW into the base weights and restore them exactly;
 * :func:`unadapt` gives the plain layers back (``merge=True``: with ΔW folded in);
 * :func:`trainable_parameters` counts trainable vs all parameters;
-* :data:`PAPER_PRESETS`: the DAS paper's FLoRA / LoRETTA / LoRA settings.
+* :data:`PAPER_PRESETS`: the DAS paper's FLoRA / LoRETTA / LoRA settings;
+* :class:`LinearAdapter`, :class:`Conv2dAdapter` (base :class:`Adapter`), :func:`named_adapters`,
+  :class:`ParameterCount`, :data:`ADAPTER_FORMATS`.
+
+At the top level, ``tnlayers.adapt``, ``tnlayers.unadapt`` and ``tnlayers.trainable_parameters`` are these
+functions, and ``tnlayers.merge_adapters`` / ``tnlayers.unmerge_adapters`` are :func:`merge` / :func:`unmerge`
+(the same objects, under names that say what they merge). An adapter's ``alpha`` is its output scale
+(alpha / rank), unrelated to the ``alpha`` of DAS, BAR or GSAM.
+
+    >>> import torch, tnlayers
+    >>> model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+    >>> model = tnlayers.adapt(model, format="lora", rank=4, target_modules=["0"])
+    >>> tnlayers.merge_adapters is tnlayers.adapters.merge
+    True
+    >>> type(tnlayers.unadapt(model)[0]).__name__
+    'Linear'
 """
 from .conv import Conv2dAdapter
 from .delta import ADAPTER_FORMATS

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from math import prod
 from numbers import Real
-from typing import Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import nn
@@ -62,6 +62,14 @@ class Adapter(CoreModule):
 
     Attributes: ``base`` (the wrapped layer, frozen), ``cores`` (ΔW's cores, one scale-invariant group
     for DAS/SAM/BAR), ``scale`` (= alpha / rank), ``merged`` (ΔW folded into ``base.weight``).
+    ``alpha`` is the adapter's output scale (scale = alpha / rank, LoRA's ``lora_alpha``), unrelated to the
+    ``alpha`` of DAS, BAR or GSAM.
+
+        >>> import torch, tnlayers
+        >>> from tnlayers.adapters import Adapter
+        >>> adapter = tnlayers.adapters.LinearAdapter(torch.nn.Linear(16, 16), "lora", rank=2, alpha=4)
+        >>> isinstance(adapter, Adapter), adapter.scale, adapter.delta_weight().abs().max().item()
+        (True, 2.0, 0.0)
     """
 
     def _setup(self, base: nn.Module, format, rank: int, alpha: float, dropout: float, init: str,
@@ -102,7 +110,7 @@ class Adapter(CoreModule):
         return self.base.weight
 
     @property
-    def bias(self):
+    def bias(self) -> Optional[torch.Tensor]:
         return self.base.bias
 
     def _delta_shape(self) -> Tuple[int, ...]:
@@ -146,7 +154,7 @@ class Adapter(CoreModule):
     def get_extra_state(self) -> torch.Tensor:
         return torch.tensor(self.merged)  # a tensor, so safetensors-based checkpoints can hold it too
 
-    def set_extra_state(self, state) -> None:
+    def set_extra_state(self, state: Any) -> None:
         pass  # checked in _load_from_state_dict, before anything is copied
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -1,12 +1,15 @@
 """Conv2dAdapter: an adapter around ``nn.Conv2d`` (any stride, padding, padding mode, dilation, groups)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..contract import ConvPlan
 from ..shapes import output_size
+from ..types import Shape
 from .adapter import Adapter
 
 __all__ = ["Conv2dAdapter"]
@@ -18,10 +21,24 @@ class Conv2dAdapter(Adapter):
     kh·kw in one core between the output and input modes, CP is 4-way, LoRA is B (C_out, r) · A (r, kh, kw, C_in).
     The factorized way (1x1 maps and one small conv, ``tnlayers.contract.ConvPlan``) exists for groups=1
     and layouts whose cores do not mix input and kernel modes (not LoRA); otherwise "factorized" is a second
-    conv with scale·ΔW beside the base conv."""
+    conv with scale·ΔW beside the base conv.
+    ``alpha`` is the adapter's output scale (scale = alpha / rank, LoRA's ``lora_alpha``), unrelated to the
+    ``alpha`` of DAS, BAR or GSAM.
+
+        >>> import torch
+        >>> from tnlayers.adapters import Conv2dAdapter
+        >>> base = torch.nn.Conv2d(16, 16, 3, padding=1)
+        >>> adapter = Conv2dAdapter(base, "tucker", rank=4, alpha=8)
+        >>> [tuple(c.shape) for c in adapter.cores]
+        [(4, 3, 3, 4), (16, 4), (16, 4)]
+        >>> x = torch.randn(2, 16, 8, 8)
+        >>> adapter(x).shape, torch.equal(adapter(x), base(x))
+        (torch.Size([2, 16, 8, 8]), True)
+    """
 
     def __init__(self, base: nn.Conv2d, format: str = "tucker", rank: int = 8, alpha: float = 16.0, *,
-                 dropout: float = 0.0, init: str = "zero", strategy: str = "auto", out_shape=None, in_shape=None):
+                 dropout: float = 0.0, init: str = "zero", strategy: str = "auto", out_shape: Optional[Shape] = None,
+                 in_shape: Optional[Shape] = None):
         super().__init__()
         if not isinstance(base, nn.Conv2d):
             raise TypeError(f"Conv2dAdapter wraps an nn.Conv2d, got {type(base).__name__}")

@@ -4,6 +4,12 @@ Modes are ordered (output modes..., kernel modes..., input modes...), the order 
 LoRETTA's 4096 x 4096 update in: modes [4, 4, 16, 16, 16, 16, 4, 4] are out (4, 4, 16, 16) then
 in (16, 16, 4, 4). One core starts at zero, so ΔW = 0 and the adapted model equals the base model: the
 first core holding an output mode (LoRA's B, FLoRA's A, the first TT core).
+
+:data:`ADAPTER_FORMATS` maps the names ``adapt(format=...)`` takes to their format modules:
+
+    >>> from tnlayers.adapters import ADAPTER_FORMATS
+    >>> sorted(ADAPTER_FORMATS)
+    ['cp', 'lora', 'tr', 'tt', 'tucker']
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ __all__ = ["ADAPTER_FORMATS", "get_adapter_format", "DeltaLayout", "delta_layout
 ADAPTER_FORMATS = {"lora": lora, **FORMATS}
 
 
-def get_adapter_format(name) -> ModuleType:
+def get_adapter_format(name: str) -> ModuleType:
     """The format module for ``name`` (tensorized layers' formats and "lora"); bad names list the valid ones."""
     return lookup_format(ADAPTER_FORMATS, name)
 

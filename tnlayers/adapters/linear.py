@@ -2,11 +2,14 @@
 whose weight is stored transposed, (in, out), applied with ``addmm``)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..contract import LinearPlan
+from ..types import Shape
 from .adapter import Adapter
 
 __all__ = ["LinearAdapter", "is_hf_conv1d"]
@@ -21,10 +24,24 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 
 class LinearAdapter(Adapter):
     """``base(x) + scale·ΔW x`` for a frozen ``nn.Linear`` (or GPT-2 ``Conv1D``), ΔW (out, in) in format
-    ``format`` ("lora", "tucker", "tt", "cp", "tr") of rank ``rank``; scale = alpha / rank."""
+    ``format`` ("lora", "tucker", "tt", "cp", "tr") of rank ``rank``; scale = alpha / rank.
+    ``alpha`` is the adapter's output scale (scale = alpha / rank, LoRA's ``lora_alpha``), unrelated to the
+    ``alpha`` of DAS, BAR or GSAM.
+
+        >>> import torch
+        >>> from tnlayers.adapters import LinearAdapter
+        >>> base = torch.nn.Linear(32, 16)
+        >>> adapter = LinearAdapter(base, "lora", rank=4, alpha=8)  # B (16, 4) · A (4, 32), B starts at zero
+        >>> [tuple(c.shape) for c in adapter.cores], adapter.scale
+        ([(16, 4), (4, 32)], 2.0)
+        >>> x = torch.randn(5, 32)
+        >>> torch.equal(adapter(x), base(x)), base.weight.requires_grad
+        (True, False)
+    """
 
     def __init__(self, base: nn.Module, format: str = "tucker", rank: int = 8, alpha: float = 16.0, *,
-                 dropout: float = 0.0, init: str = "zero", strategy: str = "auto", out_shape=None, in_shape=None):
+                 dropout: float = 0.0, init: str = "zero", strategy: str = "auto", out_shape: Optional[Shape] = None,
+                 in_shape: Optional[Shape] = None):
         super().__init__()
         self.transposed = is_hf_conv1d(base)
         if not (isinstance(base, nn.Linear) or self.transposed):

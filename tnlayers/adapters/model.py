@@ -12,6 +12,7 @@ from torch import nn
 from .._caller import warn_user
 from ..selection import _SHAPE_KEYS, _check_eager, _PerLayer, _swap
 from ..sharing import UNTIE_HINT, module_aliases, tied_parameters
+from ..types import LayerShapes, TargetModules
 from .adapter import Adapter, check_adapter_options
 from .matching import adapter_class, select_targets
 
@@ -24,15 +25,23 @@ def _check_bool(name: str, value) -> None:
 
 
 def named_adapters(model: nn.Module) -> List[Tuple[str, Adapter]]:
-    """[(name, adapter), ...] of the model's adapters, in module order."""
+    """[(name, adapter), ...] of the model's adapters, in module order.
+
+        >>> import torch, tnlayers
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> _ = tnlayers.adapt(model, rank=4, target_modules=["0", "2"])
+        >>> [(name, type(a).__name__) for name, a in tnlayers.adapters.named_adapters(model)]
+        [('0', 'LinearAdapter'), ('2', 'LinearAdapter')]
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     return [(name, m) for name, m in model.named_modules() if isinstance(m, Adapter)]
 
 
-def adapt(model: nn.Module, format: str = "tucker", rank: int = 8, target_modules=None, alpha: float = 16.0, *,
-          init: str = "zero", dropout: float = 0.0, shapes=None, strategy: str = "auto", freeze_model: bool = True,
-          inplace: bool = True) -> nn.Module:
+def adapt(model: nn.Module, format: str = "tucker", rank: int = 8, target_modules: TargetModules = None,
+          alpha: float = 16.0, *, init: str = "zero", dropout: float = 0.0, shapes: LayerShapes = None,
+          strategy: str = "auto", freeze_model: bool = True, inplace: bool = True) -> nn.Module:
     """Wrap each target layer in an adapter computing ``base(x) + (alpha / rank)·ΔW x``.
 
     Args:
@@ -41,7 +50,10 @@ def adapt(model: nn.Module, format: str = "tucker", rank: int = 8, target_module
         rank: the adapter rank r, a positive int (every bond of the format).
         target_modules: which layers (``nn.Linear``, ``nn.Conv2d``, transformers ``Conv1D``): a list of
             module names / dotted suffixes / globs, or a regular expression str (rules: ``matching.py``).
-        alpha: scale numerator, finite and > 0: scale = alpha / rank (LoRA's convention).
+        alpha: scale numerator, finite and > 0: the adapter adds (alpha / rank)·ΔW x (LoRA's ``lora_alpha``).
+            This ``alpha`` is a fixed output scale; it is unrelated to the ``alpha`` of the optimizers
+            (DAS's strength, BAR's rescale rate, GSAM's surrogate-gap coefficient), which you set separately
+            (the paper's presets hold both: ``PAPER_PRESETS["flora"]["training"]["das_alpha"]``).
         init: "zero": one core (the first holding an output mode) starts at zero, so the adapted model equals
             the base model; "random": every core random (ΔW ≠ 0; for tests and experiments).
         dropout: on the adapter's input, in [0, 1) (LoRA's ``lora_dropout``).
@@ -58,6 +70,21 @@ def adapt(model: nn.Module, format: str = "tucker", rank: int = 8, target_module
     places gets one adapter, in every place. A layer whose weight is tied to another module's (an output
     head tied to the embedding) is adapted with a warning: ΔW applies where that layer is called, and
     :func:`merge` refuses it, since folding ΔW in would change the other module too.
+
+    Example::
+
+        >>> import torch, tnlayers
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> x = torch.randn(8, 32)
+        >>> before = model(x)
+        >>> model = tnlayers.adapt(model, format="tucker", rank=4, alpha=8, target_modules=["0"])
+        >>> type(model[0]).__name__, model[0].scale  # scale = alpha / rank
+        ('LinearAdapter', 2.0)
+        >>> torch.equal(model(x), before)  # one core starts at zero: ΔW = 0
+        True
+        >>> print(tnlayers.trainable_parameters(model))  # only the adapter's cores train
+        trainable params: 272 || all params: 1,460 || trainable%: 18.6301
     """
     _check_eager(model, "adapt")
     fmt, rank, alpha, dropout = check_adapter_options(format, rank, alpha, dropout, init, strategy)
@@ -126,7 +153,19 @@ def _adapters_of(model: nn.Module, what: str) -> List[Adapter]:
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter's scale·ΔW into its base weight (keeping the old weight for :func:`unmerge`);
-    the adapters then add nothing. All or nothing: a non-finite ΔW leaves every weight as it was."""
+    the adapters then add nothing. All or nothing: a non-finite ΔW leaves every weight as it was.
+    ``tnlayers.merge_adapters`` is this function.
+
+        >>> import torch, tnlayers
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> model = tnlayers.adapt(model, rank=4, target_modules=["0"], init="random")
+        >>> x = torch.randn(8, 32)
+        >>> y = model(x)
+        >>> model = tnlayers.adapters.merge(model)
+        >>> model[0].merged, torch.allclose(model(x), y, atol=1e-5)  # forward is now base(x) alone
+        (True, True)
+    """
     _merge_all(model, _adapters_of(model, "merge"))
     return model
 
@@ -150,7 +189,18 @@ def _merge_all(model: nn.Module, adapters: List[Adapter]) -> None:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Restore every merged adapter's base weight exactly (bit for bit) as it was before :func:`merge`."""
+    """Restore every merged adapter's base weight exactly (bit for bit) as it was before :func:`merge`.
+    ``tnlayers.unmerge_adapters`` is this function.
+
+        >>> import torch, tnlayers
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> weight = model[0].weight.clone()
+        >>> model = tnlayers.adapt(model, rank=4, target_modules=["0"], init="random")
+        >>> model = tnlayers.unmerge_adapters(tnlayers.merge_adapters(model))
+        >>> model[0].merged, torch.equal(model[0].base.weight, weight)
+        (False, True)
+    """
     for adapter in _adapters_of(model, "unmerge"):
         adapter.unmerge()
     return model
@@ -158,7 +208,16 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def unadapt(model: nn.Module, merge: bool = False) -> nn.Module:
     """Replace every adapter by its base layer: with ``merge=True`` the base weight keeps scale·ΔW
-    (PEFT's ``merge_and_unload``), else it is restored to the original. The cores are dropped."""
+    (PEFT's ``merge_and_unload``), else it is restored to the original. The cores are dropped.
+
+        >>> import torch, tnlayers
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> model = tnlayers.adapt(model, rank=4, target_modules=["0"], init="random")
+        >>> model = tnlayers.adapters.unadapt(model, merge=True)  # ΔW kept in the weight
+        >>> [type(m).__name__ for m in model]
+        ['Linear', 'ReLU', 'Linear']
+    """
     _check_bool("merge", merge)
     adapters = _adapters_of(model, "unadapt")
     if merge:
@@ -174,7 +233,15 @@ def unadapt(model: nn.Module, merge: bool = False) -> nn.Module:
 
 @dataclass(frozen=True)
 class ParameterCount:
-    """Returned by :func:`trainable_parameters`."""
+    """Returned by :func:`trainable_parameters`: ``trainable`` and ``total`` counts, ``fraction`` of them.
+
+        >>> from tnlayers.adapters import ParameterCount
+        >>> count = ParameterCount(trainable=25, total=1000)
+        >>> count.fraction
+        0.025
+        >>> print(count)
+        trainable params: 25 || all params: 1,000 || trainable%: 2.5000
+    """
 
     trainable: int
     total: int
@@ -188,7 +255,15 @@ class ParameterCount:
 
 
 def trainable_parameters(model: nn.Module) -> ParameterCount:
-    """Trainable (``requires_grad``) and total parameter counts, each shared parameter counted once."""
+    """Trainable (``requires_grad``) and total parameter counts, each shared parameter counted once.
+
+        >>> import tnlayers
+        >>> from torch import nn
+        >>> model = nn.Linear(10, 10)
+        >>> _ = model.bias.requires_grad_(False)
+        >>> tnlayers.trainable_parameters(model)
+        ParameterCount(trainable=100, total=110)
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"trainable_parameters expects an nn.Module, got {type(model).__name__}")
     params = {id(p): p for p in model.parameters()}.values()

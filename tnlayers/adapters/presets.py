@@ -3,9 +3,24 @@
 Each preset has ``adapter`` (keyword arguments of :func:`tnlayers.adapt`) and ``training`` (the paper's
 grids: base-optimizer learning rates, DAS α, SAM ρ, and the rest of its schedule). The model names are
 the paper's; nothing here downloads anything. Note the two α: the adapter's ``alpha`` (scale = α / r) and
-DAS's ``alpha`` (its strength) are different numbers.
+DAS's ``alpha`` (its strength) are different numbers: ``preset["adapter"]["alpha"]`` is the adapter's,
+``preset["training"]["das_alpha"]`` DAS's grid.
 
-    tnlayers.adapt(model, **PAPER_PRESETS["flora"]["adapter"])
+    >>> import torch, tnlayers
+    >>> from tnlayers.adapters import PAPER_PRESETS
+    >>> sorted(PAPER_PRESETS)
+    ['flora', 'lora-opt', 'lora-roberta', 'loretta']
+    >>> PAPER_PRESETS["flora"]["adapter"]
+    {'format': 'tucker', 'rank': 8, 'alpha': 16, 'target_modules': ['query', 'value']}
+    >>> PAPER_PRESETS["flora"]["training"]["das_alpha"]
+    (0.1, 0.5, 0.7)
+    >>> class Attention(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.query, self.key, self.value = (torch.nn.Linear(32, 32) for _ in range(3))
+    >>> model = tnlayers.adapt(Attention(), **PAPER_PRESETS["flora"]["adapter"])
+    >>> [name for name, _ in tnlayers.adapters.named_adapters(model)]
+    ['query', 'value']
 """
 from __future__ import annotations
 

@@ -1,9 +1,19 @@
 """Tensor formats as data: each module says which labels its cores carry (``network``), how a layer's
 rank maps onto its modes (``layer_rank``), which bonds are larger than useful (``excess``), and how to
-decompose a dense array into it (``decompose``, tensorly on float64 numpy arrays)."""
+decompose a dense array into it (``decompose``, tensorly on float64 numpy arrays).
+
+:data:`FORMATS` maps each format's name to its module:
+
+    >>> import tnlayers
+    >>> sorted(tnlayers.FORMATS)
+    ['cp', 'tr', 'tt', 'tucker']
+    >>> tnlayers.formats.get_format("TT") is tnlayers.FORMATS["tt"]
+    True
+"""
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Mapping
 
 from . import cp, tr, tt, tucker
 from .network import Network, check_modes, mode_label
@@ -13,7 +23,7 @@ __all__ = ["FORMATS", "get_format", "Network", "check_modes", "mode_label"]
 FORMATS = {m.NAME: m for m in (cp, tucker, tt, tr)}
 
 
-def lookup_format(table, name) -> ModuleType:
+def lookup_format(table: Mapping[str, ModuleType], name: str) -> ModuleType:
     """``table[name]`` (case-insensitive) for a table of format modules; bad names list the valid ones."""
     if not isinstance(name, str):
         raise TypeError(f"format must be a str, one of {sorted(table)}, got {name!r}")
@@ -23,6 +33,6 @@ def lookup_format(table, name) -> ModuleType:
         raise ValueError(f"unknown format {name!r}; format must be one of {sorted(table)}") from None
 
 
-def get_format(name) -> ModuleType:
+def get_format(name: str) -> ModuleType:
     """The format module for ``name``; an unknown name lists the valid ones."""
     return lookup_format(FORMATS, name)

@@ -1,7 +1,7 @@
 """TensorizedConv2d: ``nn.Conv2d`` with a factorized weight."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,7 @@ from torch.nn.modules.utils import _pair
 
 from ..contract import ConvPlan
 from ..shapes import as_int, output_size, positive_int
+from ..types import Device, DType, IntOrPair, Padding, Rank, Shape
 from .tensorized import TensorizedLayer
 
 __all__ = ["TensorizedConv2d"]
@@ -67,14 +68,25 @@ class TensorizedConv2d(TensorizedLayer):
     that of ``nn.Conv2d``'s default init, 1/sqrt(3 fan_in); ``"kaiming_normal"`` He's sqrt(2/fan_in)
     (fan-in, ReLU gain); or a number > 0. The bias starts as ``nn.Conv2d``'s, uniform on ±1/sqrt(fan_in).
 
-    Example: ``TTConv2d(64, 128, 3, padding=1, rank=16, weight_std="kaiming_normal")``."""
+    Example::
+
+        >>> import torch, tnlayers
+        >>> conv = tnlayers.TensorizedConv2d(16, 32, 3, padding=1, rank=4, format="tr")  # = tnlayers.TRConv2d(...)
+        >>> conv(torch.randn(2, 16, 8, 8)).shape
+        torch.Size([2, 32, 8, 8])
+        >>> conv.weight.shape
+        torch.Size([32, 16, 3, 3])
+        >>> tnlayers.TTConv2d(16, 32, 3, rank=4, weight_std="kaiming_normal").weight_std
+        'kaiming_normal'
+    """
 
     KIND = "conv"
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 rank, format: str | None = None, in_shape=None, out_shape=None, strategy: str = "auto",
-                 weight_std: float | str = "nn"):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
+                 padding: Padding = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", device: Device = None, dtype: DType = None, *, rank: Rank,
+                 format: Optional[str] = None, in_shape: Optional[Shape] = None, out_shape: Optional[Shape] = None,
+                 strategy: str = "auto", weight_std: Union[float, str] = "nn"):
         super().__init__()
         if as_int(groups) is None:
             raise TypeError(f"groups must be an int (tensorized convs support groups=1), got {groups!r}")
@@ -150,9 +162,17 @@ class TensorizedConv2d(TensorizedLayer):
         return self.plan.costs(batch, h, w, max(h_out, 1), max(w_out, 1))
 
     @classmethod
-    def from_dense(cls, module: nn.Conv2d, *, rank, format: str | None = None, in_shape=None, out_shape=None,
-                   strategy: str = "auto", **options) -> "TensorizedConv2d":
-        """Build from an ``nn.Conv2d`` by decomposing its weight (``options`` go to the decomposition)."""
+    def from_dense(cls, module: nn.Conv2d, *, rank: Rank, format: Optional[str] = None,
+                   in_shape: Optional[Shape] = None, out_shape: Optional[Shape] = None, strategy: str = "auto",
+                   **options: Any) -> "TensorizedConv2d":
+        """Build from an ``nn.Conv2d`` by decomposing its weight (``options`` go to the decomposition).
+
+            >>> import torch, tnlayers
+            >>> dense = torch.nn.Conv2d(16, 16, 3, padding=1)
+            >>> conv = tnlayers.TuckerConv2d.from_dense(dense, rank=8)  # HOOI
+            >>> conv.padding, 0 < conv.decomposition_error < 1
+            ((1, 1), True)
+        """
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"{cls.__name__}.from_dense expects an nn.Conv2d, got {type(module).__name__}")
         layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from math import prod
 from numbers import Real
+from typing import Any
 
 import torch
 
@@ -12,6 +13,7 @@ from ..decompose import decompose
 from ..formats import check_modes, get_format
 from ..init import init_cores_
 from ..shapes import resolve_rank
+from ..types import Device, DType, Shape, TensorRank
 from .base import CoreModule, build_network, check_decomposition_options, check_tensor_values
 
 __all__ = ["FactorizedTensor"]
@@ -26,10 +28,20 @@ class FactorizedTensor(CoreModule):
     ``"same"`` (the default, as tltorch's ``FactorizedTensor.new``): the same as ``1.0``, the largest
     uniform rank whose parameter count does not exceed the full tensor's.
     Cores start random with the full tensor's entries of std ``std``.
+
+    Example::
+
+        >>> import torch, tnlayers
+        >>> T = tnlayers.FactorizedTensor((8, 6, 4), format="tucker", rank=(4, 3, 2))
+        >>> T().shape, [tuple(c.shape) for c in T.cores]
+        (torch.Size([8, 6, 4]), [(4, 3, 2), (8, 4), (6, 3), (4, 2)])
+        >>> full = torch.randn(8, 6, 4, dtype=torch.float64)
+        >>> tnlayers.FactorizedTensor.from_tensor(full, "tt", rank=[1, 8, 4, 1])().allclose(full)  # full TT rank
+        True
     """
 
-    def __init__(self, shape, format: str = "tucker", rank="same", *, std: float = 1.0, device=None,
-                 dtype=None):
+    def __init__(self, shape: Shape, format: str = "tucker", rank: TensorRank = "same", *, std: float = 1.0,
+                 device: Device = None, dtype: DType = None):
         super().__init__()
         if isinstance(std, (bool, str, bytes)) or not isinstance(std, (Real, torch.Tensor)):
             raise TypeError(f"std must be a number, got {type(std).__name__}")
@@ -50,7 +62,7 @@ class FactorizedTensor(CoreModule):
         return {"kind": "tensor", "format": self.format, "shape": tuple(self.network.modes)}
 
     @property
-    def shape(self):
+    def shape(self) -> torch.Size:
         return torch.Size(self.network.modes)
 
     def reset_parameters(self) -> None:
@@ -62,9 +74,15 @@ class FactorizedTensor(CoreModule):
     to_tensor = forward
 
     @classmethod
-    def from_tensor(cls, tensor: torch.Tensor, format: str = "tucker", rank="same", **options
+    def from_tensor(cls, tensor: torch.Tensor, format: str = "tucker", rank: TensorRank = "same", **options: Any
                     ) -> "FactorizedTensor":
-        """Decompose ``tensor`` (TT-SVD, TR-SVD, CP-ALS or HOOI via tensorly) into a FactorizedTensor."""
+        """Decompose ``tensor`` (TT-SVD, TR-SVD, CP-ALS or HOOI via tensorly) into a FactorizedTensor.
+
+            >>> import torch, tnlayers
+            >>> T = tnlayers.FactorizedTensor.from_tensor(torch.randn(8, 6, 4), "cp", rank=5)
+            >>> T.shape, T().shape
+            (torch.Size([8, 6, 4]), torch.Size([8, 6, 4]))
+        """
         check_tensor_values("tensor", tensor)
         check_decomposition_options(options)
         out = cls(tuple(tensor.shape), format, rank, std=float(tensor.float().std()) if tensor.numel() > 1 else 1.0,

@@ -1,12 +1,15 @@
 """TensorizedLinear: ``nn.Linear`` with a factorized weight."""
 from __future__ import annotations
 
+from typing import Any, Optional, Union
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..contract import LinearPlan
 from ..shapes import positive_int
+from ..types import Device, DType, Rank, Shape
 from .tensorized import TensorizedLayer
 
 __all__ = ["TensorizedLinear"]
@@ -24,13 +27,21 @@ class TensorizedLinear(TensorizedLayer):
     that of ``nn.Linear``'s default init, 1/sqrt(3 in_features); ``"kaiming_normal"`` He's
     sqrt(2/in_features); or a number > 0. The bias starts as ``nn.Linear``'s.
 
-    Example: ``TTLinear(512, 256, rank=8)(torch.randn(4, 512)).shape == (4, 256)``."""
+    Example::
+
+        >>> import torch, tnlayers
+        >>> layer = tnlayers.TensorizedLinear(64, 32, rank=4, format="tt")  # = tnlayers.TTLinear(64, 32, rank=4)
+        >>> layer(torch.randn(8, 64)).shape
+        torch.Size([8, 32])
+        >>> layer.weight.shape, layer.in_shape, layer.out_shape
+        (torch.Size([32, 64]), (4, 4, 4), (4, 4, 2))
+    """
 
     KIND = "linear"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 rank, format: str | None = None, in_shape=None, out_shape=None, strategy: str = "auto",
-                 weight_std: float | str = "nn"):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Device = None,
+                 dtype: DType = None, *, rank: Rank, format: Optional[str] = None, in_shape: Optional[Shape] = None,
+                 out_shape: Optional[Shape] = None, strategy: str = "auto", weight_std: Union[float, str] = "nn"):
         super().__init__()
         in_features = positive_int(in_features, "in_features")
         out_features = positive_int(out_features, "out_features")
@@ -68,9 +79,17 @@ class TensorizedLinear(TensorizedLayer):
         return self.plan.costs(x.numel() // self.in_features)
 
     @classmethod
-    def from_dense(cls, module: nn.Linear, *, rank, format: str | None = None, in_shape=None, out_shape=None,
-                   strategy: str = "auto", **options) -> "TensorizedLinear":
-        """Build from an ``nn.Linear`` by decomposing its weight (``options`` go to the decomposition)."""
+    def from_dense(cls, module: nn.Linear, *, rank: Rank, format: Optional[str] = None,
+                   in_shape: Optional[Shape] = None, out_shape: Optional[Shape] = None, strategy: str = "auto",
+                   **options: Any) -> "TensorizedLinear":
+        """Build from an ``nn.Linear`` by decomposing its weight (``options`` go to the decomposition).
+
+            >>> import torch, tnlayers
+            >>> dense = torch.nn.Linear(32, 32)
+            >>> layer = tnlayers.TuckerLinear.from_dense(dense, rank=32)  # full rank: exact
+            >>> layer.decomposition_error < 1e-5
+            True
+        """
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_dense expects an nn.Linear, got {type(module).__name__}")
         layer = cls(module.in_features, module.out_features, module.bias is not None, module.weight.device,

@@ -8,40 +8,89 @@ __all__ = ["TTConv2d", "TRConv2d", "CPConv2d", "TuckerConv2d", "TTLinear", "TRLi
 
 
 class TTConv2d(TensorizedConv2d):
-    """Tensor-Train Conv2d: cores (C_in, r1), (r1, kh*kw, r2), (r2, C_out); rank [1, r1, r2, 1] or int."""
+    """Tensor-Train Conv2d: cores (C_in, r1), (r1, kh*kw, r2), (r2, C_out); rank [1, r1, r2, 1] or int.
+
+        >>> import torch, tnlayers
+        >>> conv = tnlayers.TTConv2d(16, 32, 3, padding=1, rank=[1, 8, 8, 1])
+        >>> [tuple(c.shape) for c in conv.cores]
+        [(16, 8), (8, 9, 8), (8, 32)]
+        >>> conv(torch.randn(2, 16, 8, 8)).shape
+        torch.Size([2, 32, 8, 8])
+    """
     FORMAT = "tt"
 
 
 class TRConv2d(TensorizedConv2d):
-    """Tensor-Ring Conv2d over (in modes..., kh*kw, out modes...), one (r, n, r) core per mode."""
+    """Tensor-Ring Conv2d over (in modes..., kh*kw, out modes...), one (r, n, r) core per mode.
+
+        >>> import tnlayers
+        >>> conv = tnlayers.TRConv2d(16, 32, 3, rank=4)  # 16 -> (4, 2, 2), 32 -> (4, 4, 2)
+        >>> [tuple(c.shape) for c in conv.cores]
+        [(4, 4, 4), (4, 2, 4), (4, 2, 4), (4, 9, 4), (4, 4, 4), (4, 4, 4), (4, 2, 4)]
+    """
     FORMAT = "tr"
 
 
 class CPConv2d(TensorizedConv2d):
-    """CP Conv2d: 4-way CP, factors (C_in, R), (kh, R), (kw, R), (C_out, R)."""
+    """CP Conv2d: 4-way CP, factors (C_in, R), (kh, R), (kw, R), (C_out, R).
+
+        >>> import tnlayers
+        >>> [tuple(c.shape) for c in tnlayers.CPConv2d(16, 32, 3, rank=4).cores]
+        [(16, 4), (3, 4), (3, 4), (32, 4)]
+    """
     FORMAT = "cp"
 
 
 class TuckerConv2d(TensorizedConv2d):
-    """Tucker-2 Conv2d: factors (C_in, R_in), (C_out, R_out), core (R_in, kh, kw, R_out)."""
+    """Tucker-2 Conv2d: factors (C_in, R_in), (C_out, R_out), core (R_in, kh, kw, R_out).
+
+        >>> import tnlayers
+        >>> [tuple(c.shape) for c in tnlayers.TuckerConv2d(16, 32, 3, rank=4).cores]
+        [(4, 3, 3, 4), (16, 4), (32, 4)]
+    """
     FORMAT = "tucker"
 
 
 class TTLinear(TensorizedLinear):
-    """Tensor-Train Linear over (in modes..., out modes...)."""
+    """Tensor-Train Linear over (in modes..., out modes...).
+
+        >>> import torch, tnlayers
+        >>> fc = tnlayers.TTLinear(64, 32, rank=4)  # 64 -> (4, 4, 4), 32 -> (4, 4, 2)
+        >>> [tuple(c.shape) for c in fc.cores]
+        [(4, 4), (4, 4, 4), (4, 4, 4), (4, 4, 4), (4, 4, 4), (4, 2)]
+        >>> fc(torch.randn(8, 64)).shape
+        torch.Size([8, 32])
+    """
     FORMAT = "tt"
 
 
 class TRLinear(TensorizedLinear):
-    """Tensor-Ring Linear over (in modes..., out modes...)."""
+    """Tensor-Ring Linear over (in modes..., out modes...).
+
+        >>> import tnlayers
+        >>> fc = tnlayers.TRLinear(64, 32, rank=4)
+        >>> len(fc.cores), tuple(fc.cores[0].shape)
+        (6, (4, 4, 4))
+    """
     FORMAT = "tr"
 
 
 class CPLinear(TensorizedLinear):
-    """CP Linear over (in modes..., out modes...)."""
+    """CP Linear over (in modes..., out modes...).
+
+        >>> import tnlayers
+        >>> [tuple(c.shape) for c in tnlayers.CPLinear(64, 32, rank=4).cores]
+        [(4, 4), (4, 4), (4, 4), (4, 4), (4, 4), (2, 4)]
+    """
     FORMAT = "cp"
 
 
 class TuckerLinear(TensorizedLinear):
-    """Tucker Linear; unsplit (the default) it is FLoRA's A G B^T."""
+    """Tucker Linear; unsplit (the default) it is FLoRA's A G B^T.
+
+        >>> import tnlayers
+        >>> fc = tnlayers.TuckerLinear(64, 32, rank=(8, 4))  # G (8, 4), A (64, 8), B (32, 4)
+        >>> [tuple(c.shape) for c in fc.cores]
+        [(8, 4), (64, 8), (32, 4)]
+    """
     FORMAT = "tucker"

@@ -15,6 +15,18 @@
 
 All wrap any ``torch.optim`` optimizer (class or instance) and share its param groups and state, so LR
 schedulers, GradScaler and ``state_dict`` work as with the base optimizer.
+
+``alpha`` is a different number in each optimizer that takes one: DAS's strength of the deviation-aware
+rescale, BAR's rescale rate (each core moves by 1 ± αη), GSAM's surrogate-gap coefficient; and none of them is
+an adapter's ``alpha`` (its output scale alpha / rank). The norm metrics the optimizers act on are all in
+:mod:`tnlayers.metrics` too (``NormDynamics`` is re-exported there).
+
+    >>> import torch, tnlayers
+    >>> model = torch.nn.Sequential(tnlayers.TRLinear(16, 16, rank=2), torch.nn.Linear(16, 1))
+    >>> base = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    >>> opt = tnlayers.optim.DAS(None, base, alpha=0.5)  # an instance works too: its param groups are shared
+    >>> opt.param_groups is base.param_groups, opt.kind
+    (True, 'DAS(AdamW)')
 """
 from .batchnorm import disable_running_stats
 from ._divergence import DivergenceWarning

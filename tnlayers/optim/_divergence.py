@@ -31,7 +31,21 @@ _MAX_PENDING = 4  # CUDA: reads not yet done after this many steps are waited fo
 class DivergenceWarning(RuntimeWarning):
     """A step of a tnlayers optimizer (SAM, GSAM, XSAM, DAS, BAR) left cores non-finite (NaN or inf): training
     has diverged. ``warnings.simplefilter("error", DivergenceWarning)`` turns it into an exception that stops
-    the run at that step."""
+    the run at that step.
+
+        >>> import warnings, torch, tnlayers
+        >>> from tnlayers.optim import DivergenceWarning
+        >>> layer = tnlayers.TTLinear(16, 16, rank=2)
+        >>> opt = tnlayers.DAS(layer.named_parameters(), torch.optim.SGD, alpha=0.05, lr=0.1)
+        >>> layer.cores[0].grad = torch.full_like(layer.cores[0], float("nan"))  # a gradient gone NaN
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     opt.step()  # writes NaN into core 0
+        >>> [(w.category.__name__, str(w.message)[:56]) for w in caught]
+        [('DivergenceWarning', 'training diverged: step 1 of this optimizer left NaN/inf')]
+        >>> issubclass(DivergenceWarning, RuntimeWarning)
+        True
+    """
 
 
 class _Core:

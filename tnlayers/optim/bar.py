@@ -4,10 +4,11 @@ to K cores. The paper has no official code; the rule below is ours (docs/design.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Union
+from typing import Any, List, Optional
 
 import torch
 
+from ..types import Alpha, BaseOptimizer, Params
 from .alpha_schedule import alpha_at
 from .core_scaling import CoreLayout, CoreScalingOptimizer
 from .validation import check_choice
@@ -48,11 +49,32 @@ class BAR(CoreScalingOptimizer):
     float or a callable of the step, ``alpha_schedule``, ``total_steps``, ``**base_kwargs``) plus
     ``variant``. η is the core's param-group learning rate at this step. One forward/backward per step.
     Non-finite norms leave the group unchanged.
+
+    ``alpha`` here is BAR's rescale rate α: every core moves by the fixed factor 1 ± αη, whatever its imbalance
+    (the paper's α). It is unrelated to DAS's ``alpha`` (the strength of a rescale proportional to the
+    deviation), GSAM's ``alpha`` (its surrogate-gap coefficient) and an adapter's ``alpha`` (its output scale
+    alpha / rank).
+
+    Example::
+
+        >>> import torch, tnlayers
+        >>> from torch import nn
+        >>> model = nn.Sequential(tnlayers.TTLinear(16, 16, rank=2), nn.ReLU(), nn.Linear(16, 1))
+        >>> x, y = torch.randn(32, 16), torch.randn(32, 1)
+        >>> opt = tnlayers.BAR(model.parameters(), torch.optim.SGD, alpha=0.1, lr=0.1, total_steps=100)
+        >>> opt.alpha_schedule  # total_steps given: α decays by cosine to 0 at step 100
+        'cosine'
+        >>> nn.functional.mse_loss(model(x), y).backward()
+        >>> opt.step()  # each core scaled by 1 ± αη (αη = 0.01 here), then SGD's step
+        >>> tnlayers.BAR(model.parameters(), torch.optim.SGD, alpha=20.0, lr=0.1)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: BAR needs alpha * lr < 1 ...
     """
 
-    def __init__(self, params, base_optimizer, alpha: Union[float, Callable[[int], float]] = 0.1,
+    def __init__(self, params: Optional[Params], base_optimizer: BaseOptimizer, alpha: Alpha = 0.1,
                  variant: str = "nbar", alpha_schedule: Optional[str] = None, total_steps: Optional[int] = None,
-                 **base_kwargs):
+                 **base_kwargs: Any):
         self.variant = check_choice("variant", variant, VARIANTS)
         if alpha_schedule is None:  # the paper's decreasing α where the end of training is known
             alpha_schedule = "constant" if total_steps is None else "cosine"

@@ -21,8 +21,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..groups import INDEX_ATTR, SIZE_ATTR, group_of
+from ..groups import INDEX_ATTR, SIZE_ATTR, group_of, mark_peft_groups
 from .._caller import user_stacklevel
+from ..types import Alpha, BaseOptimizer, Params
 from .alpha_schedule import alpha_at, check_schedule, split_alpha
 from .validation import check_non_negative
 from .wrapper import WrappedOptimizer
@@ -194,8 +195,8 @@ class CoreScalingOptimizer(WrappedOptimizer):
     non-finite are left alone.
     """
 
-    def __init__(self, params, base_optimizer, alpha, alpha_schedule: str, total_steps: Optional[int],
-                 defaults: Dict[str, Any], base_kwargs: Dict[str, Any]):
+    def __init__(self, params: Optional[Params], base_optimizer: BaseOptimizer, alpha: Alpha, alpha_schedule: str,
+                 total_steps: Optional[int], defaults: Dict[str, Any], base_kwargs: Dict[str, Any]):
         check_schedule(alpha_schedule, total_steps)
         group_alpha, self._alpha_fn = split_alpha(alpha, alpha_schedule)
         self.alpha_schedule = alpha_schedule
@@ -214,9 +215,9 @@ class CoreScalingOptimizer(WrappedOptimizer):
         name = type(self).__name__
         warnings.warn(
             f"{name} found no core groups among the {len(params)} parameters given: it will take exactly the base "
-            f"optimizer's step. {name} rescales the cores of tnlayers layers and adapters (the parameters "
-            "tnlayers.core_groups(model) lists); PEFT LoRA layers are not recognized yet", UserWarning,
-            stacklevel=user_stacklevel())
+            f"optimizer's step. {name} rescales the cores of tnlayers layers and adapters and the factors of PEFT "
+            "LoRA/LoHa/LoKr adapters (import peft before building the optimizer): the parameters "
+            "tnlayers.core_groups(model) lists", UserWarning, stacklevel=user_stacklevel())
 
     def _check_group(self, group: Dict[str, Any]) -> Dict[str, Any]:
         if "lr" not in group:
@@ -230,6 +231,8 @@ class CoreScalingOptimizer(WrappedOptimizer):
 
     def _param_groups_changed(self) -> None:
         super()._param_groups_changed()
+        # PEFT adapter factors carry no markers until core_groups(model) sets them: mark them here (peft imported only)
+        mark_peft_groups(p for g in self.param_groups for p in g["params"])
         self._core_index = None
 
     def _extra_state(self) -> Dict[str, Any]:
@@ -278,7 +281,7 @@ class CoreScalingOptimizer(WrappedOptimizer):
         torch._foreach_mul_(layout.local_cores(), list((1.0 + lambdas).unbind(0)))
         self.last_lambdas = (layout.cores, lambdas)
 
-    def step(self, closure: Optional[Callable[[], Any]] = None):
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Rescale the cores, then take the base optimizer's step with the unchanged gradients.
 
         With a closure, it is called first (with grad enabled) to compute the loss and gradients.

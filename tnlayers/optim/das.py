@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Callable, Optional, Union
+from typing import Any, Optional
 
 import torch
 
 from ..kernels import triton_available
+from ..types import Alpha, BaseOptimizer, Params
 from .core_scaling import CoreIndex, CoreLayout, CoreScalingOptimizer
 from .das_fused import FusedDASStep
 from .validation import check_choice
@@ -55,8 +56,11 @@ class DAS(CoreScalingOptimizer):
             instance.
         base_optimizer: an optimizer class, built on these param groups with ``**base_kwargs``, or an
             already-built instance.
-        alpha: DAS strength α ≥ 0 (paper: 0.001–0.1 for CNNs, 0.1–2 for adapters), or a callable
+        alpha: DAS strength α ≥ 0: how strongly each step rescales the cores by their deviation (the α of
+            λ_k = η α u (γ_k − ḡ)/s_k; paper: 0.001–0.1 for CNNs, 0.1–2 for adapters), or a callable
             ``step -> alpha`` (``step`` counts from 0). ``alpha=0`` reproduces the base optimizer exactly.
+            Not the ``alpha`` of BAR (a fixed rescale rate), of GSAM (its surrogate-gap coefficient) or of an
+            adapter (its output scale alpha / rank): four unrelated numbers that share a name.
         normalization: ``"global"``: u = (Σ over all cores of all groups γ)^(-1/2), SAM's u_D (Theorem 5,
             the multi-layer case); ``"layer"``: u = (K ḡ)^(-1/2) per group, Algorithm 2 as printed.
         denominator: ``"squared"``: divide by s_k = ||G_k||² (Algorithm 2); ``"norm"``: by ||G_k||, as in
@@ -87,12 +91,25 @@ class DAS(CoreScalingOptimizer):
     rescale multiplies the local shards (the Triton backend runs its two kernels on the local shards, with
     the base step unfused). ``fully_shard`` creates new parameter objects: call
     ``tnlayers.core_groups(model)`` after it, before building DAS, so the cores are recognized.
+
+    Example::
+
+        >>> import torch, tnlayers
+        >>> from torch import nn
+        >>> model = nn.Sequential(tnlayers.TTLinear(16, 16, rank=2), nn.ReLU(), nn.Linear(16, 1))
+        >>> x, y = torch.randn(32, 16), torch.randn(32, 1)
+        >>> opt = tnlayers.DAS(model.parameters(), torch.optim.SGD, alpha=0.05, lr=0.1, momentum=0.9)
+        >>> nn.functional.mse_loss(model(x), y).backward()
+        >>> opt.step()  # rescale each core by 1 + λ_k, then SGD's step: one forward/backward per step
+        >>> cores, lambdas = opt.last_lambdas
+        >>> len(cores), lambdas.shape
+        (6, torch.Size([6]))
     """
 
-    def __init__(self, params, base_optimizer, alpha: Union[float, Callable[[int], float]] = 0.01,
+    def __init__(self, params: Optional[Params], base_optimizer: BaseOptimizer, alpha: Alpha = 0.01,
                  normalization: str = "global", denominator: str = "squared",
                  alpha_schedule: str = "constant", total_steps: Optional[int] = None,
-                 backend: str = "auto", max_scale: float = DEFAULT_MAX_SCALE, **base_kwargs):
+                 backend: str = "auto", max_scale: float = DEFAULT_MAX_SCALE, **base_kwargs: Any):
         self.max_scale = check_max_scale(max_scale)
         self.normalization = check_choice("normalization", normalization, NORMALIZATIONS)
         self.denominator = check_choice("denominator", denominator, DENOMINATORS)
@@ -133,6 +150,8 @@ class DAS(CoreScalingOptimizer):
             return False
         if layout.sharded:
             return self._fused_sharded_step(layout)
+        if self.backend == "auto" and layout.cores[0].device.type != "cuda":
+            return False  # "auto" fuses CUDA cores only: skip the per-tensor checks (~50 us a step on CPU)
         reason = FusedDASStep.unsupported(layout.cores, [c.grad for c in layout.cores], self.backend == "triton")
         if reason is not None:
             if self.backend == "triton":

@@ -24,7 +24,24 @@ class NormDynamics:
     "<layer>/lambda0": .., ...}`` (floats). It reads everything back from the device in one transfer, so
     it costs a few small kernels and one sync: call it every N steps, after ``backward()`` (for γ).
     A core without a gradient reports γ = NaN (and so does its group's Cov); a core the optimizer did not
-    rescale reports λ = 0. The root module's group is named ``"model"``.
+    rescale reports λ = 0. The root module's group is named ``"model"``. Also importable as
+    ``tnlayers.metrics.NormDynamics``, next to :func:`~tnlayers.norm_deviation` and :func:`~tnlayers.norm_report`.
+
+    Example::
+
+        >>> import torch, tnlayers
+        >>> from torch import nn
+        >>> model = nn.Sequential(tnlayers.TTLinear(16, 16, rank=2), nn.ReLU(), nn.Linear(16, 1))
+        >>> x, y = torch.randn(32, 16), torch.randn(32, 1)
+        >>> opt = tnlayers.DAS(model.parameters(), torch.optim.SGD, alpha=0.05, lr=0.1)
+        >>> dynamics = tnlayers.optim.NormDynamics(model, opt)
+        >>> nn.functional.mse_loss(model(x), y).backward()
+        >>> opt.step()
+        >>> row = dynamics.record(keep=True)  # after backward(): γ_k are this step's gradient norms
+        >>> sorted(k for k in row if k.endswith("0"))
+        ['0/grad0', '0/lambda0', '0/s0']
+        >>> row["0/Q"] >= 0, len(dynamics.history)
+        (True, 1)
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None):

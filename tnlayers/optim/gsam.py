@@ -4,8 +4,12 @@ Design notes: docs/design.md, 'The SAM family: SAM, ASAM, GSAM, X-SAM'.
 """
 from __future__ import annotations
 
-import torch
+from typing import Any, Optional
 
+import torch
+from torch import nn
+
+from ..types import BaseOptimizer, Params
 from .validation import check_non_negative
 from .hessian import dot
 from .sam import SAM
@@ -31,10 +35,30 @@ class GSAM(SAM):
     Limits: the first pass must be synchronized (``sync_first_pass=False`` would give each rank its own g
     and so its own update); under ``torch.amp.GradScaler`` let ``scaler.step(opt)`` unscale (no
     ``scaler.unscale_(opt)`` before it: g̃ would be unscaled while the saved g is not).
+
+    ``alpha`` here is GSAM's surrogate-gap coefficient α (how much of −g_⊥ is added to SAM's gradient;
+    the paper's α). It is unrelated to DAS's ``alpha`` (the strength of its core rescale), BAR's ``alpha``
+    (its rescale rate) and an adapter's ``alpha`` (its output scale alpha / rank).
+
+    Example::
+
+        >>> import torch, tnlayers
+        >>> from torch import nn
+        >>> model = nn.Sequential(tnlayers.TTLinear(16, 16, rank=2), nn.ReLU(), nn.Linear(16, 1))
+        >>> x, y = torch.randn(32, 16), torch.randn(32, 1)
+        >>> def closure():
+        ...     loss = nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> opt = tnlayers.GSAM(model.parameters(), torch.optim.SGD, rho=0.05, alpha=0.1, lr=0.1)
+        >>> loss = opt.step(closure)
+        >>> opt.alpha, opt.param_groups[0]["rho"]
+        (0.1, 0.05)
     """
 
-    def __init__(self, params, base_optimizer, rho: float = 0.05, alpha: float = 0.1, adaptive: bool = False,
-                 eps: float = 1e-12, sync_first_pass: bool = True, model=None, **base_kwargs):
+    def __init__(self, params: Optional[Params], base_optimizer: BaseOptimizer, rho: float = 0.05,
+                 alpha: float = 0.1, adaptive: bool = False, eps: float = 1e-12, sync_first_pass: bool = True,
+                 model: Optional[nn.Module] = None, **base_kwargs: Any):
         self.alpha = check_non_negative("alpha", alpha)
         if sync_first_pass is False:
             raise ValueError("sync_first_pass=False is not supported by GSAM: its update uses the first-pass "

@@ -26,6 +26,18 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     the first pass inside ``model.no_sync()``, as ``SAM.step(closure)`` does). For X-SAM, on eigen-update steps the
     power iteration runs first, on ``compute_loss`` with BatchNorm statistics frozen too (and inside
     ``model.no_sync()`` under DDP, whose reducer expects a backward pass after each synchronized forward).
+
+        >>> import torch, tnlayers
+        >>> from torch import nn
+        >>> from tnlayers.optim import training_step
+        >>> model = nn.Sequential(tnlayers.TTLinear(16, 16, rank=2), nn.ReLU(), nn.Linear(16, 1))
+        >>> x, y = torch.randn(32, 16), torch.randn(32, 1)
+        >>> compute_loss = lambda: nn.functional.mse_loss(model(x), y)
+        >>> for opt in (tnlayers.DAS(model.parameters(), torch.optim.SGD, alpha=0.05, lr=0.1),
+        ...             tnlayers.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)):
+        ...     loss = training_step(model, opt, compute_loss)  # the same loop for one pass or two
+        >>> loss.requires_grad, loss.shape
+        (False, torch.Size([]))
     """
     if isinstance(optimizer, XSAM) and optimizer.eigen_update_due:
         local = model.no_sync() if callable(getattr(model, "no_sync", None)) else contextlib.nullcontext()

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from ..types import BaseOptimizer, Params
 from .core_scaling import stat_dtype
 from .validation import check_non_negative
 from .wrapper import WrappedOptimizer
@@ -53,14 +54,34 @@ class SAM(WrappedOptimizer):
     per-device "m-sharpness" of the SAM paper, and one all-reduce fewer per step); the second pass is
     averaged as usual, so the base step is the same on every rank. With ``first_step``/``second_step``
     driven by hand, wrap the first forward and backward in ``model.no_sync()`` yourself instead.
+
+    Example::
+
+        >>> import torch, tnlayers
+        >>> from torch import nn
+        >>> model = nn.Sequential(tnlayers.TTLinear(16, 16, rank=2), nn.ReLU(), nn.Linear(16, 1))
+        >>> x, y = torch.randn(32, 16), torch.randn(32, 1)
+        >>> def closure():
+        ...     loss = nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> opt = tnlayers.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        >>> loss = opt.step(closure)  # two forward/backward passes: at w, then at w + e(w)
+        >>> nn.functional.mse_loss(model(x), y).backward()  # or drive the two halves by hand:
+        >>> opt.first_step()
+        >>> nn.functional.mse_loss(model(x), y).backward()
+        >>> opt.second_step()
+        >>> opt.kind
+        'SAM(SGD)'
     """
 
     # GradScaler then calls step() even on an overflow (with ``found_inf``/``grad_scale`` attributes set),
     # so the weights are restored from w̃ on skipped steps too.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, eps: float = 1e-12,
-                 sync_first_pass: bool = True, model: Optional[nn.Module] = None, **base_kwargs):
+    def __init__(self, params: Optional[Params], base_optimizer: BaseOptimizer, rho: float = 0.05,
+                 adaptive: bool = False, eps: float = 1e-12, sync_first_pass: bool = True,
+                 model: Optional[nn.Module] = None, **base_kwargs: Any):
         rho = check_non_negative("rho", rho)
         if not isinstance(sync_first_pass, bool):
             raise TypeError(f"sync_first_pass must be a bool, got {type(sync_first_pass).__name__}")
@@ -191,7 +212,7 @@ class SAM(WrappedOptimizer):
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
-    def step(self, closure: Optional[Callable[[], Any]] = None):
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """With ``closure``: a whole SAM step (two closure calls); returns the loss at w.
         Without: the second half, after ``first_step()`` and the second backward."""
         if closure is None:

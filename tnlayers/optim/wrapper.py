@@ -7,12 +7,13 @@ GradScaler therefore see a single list of groups, and a checkpoint holds a singl
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
 from ._divergence import DivergenceWatch
 from .state_dict import EXTRA_STATE_KEY, KIND_KEY, check_state_dict
+from ..types import BaseOptimizer, Params
 from .validation import check_base_compatible, check_not_meta, resolve_base_optimizer
 
 __all__ = ["WrappedOptimizer"]
@@ -41,7 +42,8 @@ class WrappedOptimizer(torch.optim.Optimizer):
     per-group options in :meth:`_check_group`.
     """
 
-    def __init__(self, params, base_optimizer, wrapper_defaults: Dict[str, Any], base_kwargs: Dict[str, Any]):
+    def __init__(self, params: Optional[Params], base_optimizer: BaseOptimizer, wrapper_defaults: Dict[str, Any],
+                 base_kwargs: Dict[str, Any]):
         kind = resolve_base_optimizer(base_optimizer, base_kwargs)
         self._divergence = DivergenceWatch()  # subclasses call _after_update() once per step
         self._wrapper_defaults = dict(wrapper_defaults)

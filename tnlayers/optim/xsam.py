@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+from torch import nn
 
+from ..types import BaseOptimizer, Params
 from .validation import check_non_negative
 from .hessian import HessianOperator, check_positive_int, dot, power_iteration, random_unit_vector
 from .sam import SAM
@@ -68,11 +70,30 @@ class XSAM(SAM):
     iteration), so all ranks share v; with ``sync_first_pass=False`` the first-pass g·v is summed over the
     ranks too (one scalar all-reduce per step), so all ranks take the same branch. Under DDP let ``loss_fn`` call the wrapped module (``ddp.module``),
     or run it inside ``ddp.no_sync()`` (``training_step`` does).
+
+    Example::
+
+        >>> import torch, tnlayers
+        >>> from torch import nn
+        >>> model = nn.Sequential(tnlayers.TTLinear(16, 16, rank=2), nn.ReLU(), nn.Linear(16, 1))
+        >>> x, y = torch.randn(32, 16), torch.randn(32, 1)
+        >>> def closure():
+        ...     loss = nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> loss_fn = lambda: nn.functional.mse_loss(model(x), y)  # returns the loss, no backward
+        >>> opt = tnlayers.XSAM(model.parameters(), torch.optim.SGD, rho=0.05, xi=0.5, eig_every=10, eig_iters=3,
+        ...                     lr=0.1)
+        >>> opt.eigen_update_due  # step 0 estimates v: it needs loss_fn
+        True
+        >>> loss = opt.step(closure, loss_fn=loss_fn)
+        >>> opt.eigen_update_due, isinstance(opt.eigenvalue, float)
+        (False, True)
     """
 
-    def __init__(self, params, base_optimizer, rho: float = 0.05, xi: float = 0.5, eig_every: int = 10,
-                 eig_iters: int = 5, adaptive: bool = False, eps: float = 1e-12, sync_first_pass: bool = True,
-                 model=None, **base_kwargs):
+    def __init__(self, params: Optional[Params], base_optimizer: BaseOptimizer, rho: float = 0.05, xi: float = 0.5,
+                 eig_every: int = 10, eig_iters: int = 5, adaptive: bool = False, eps: float = 1e-12,
+                 sync_first_pass: bool = True, model: Optional[nn.Module] = None, **base_kwargs: Any):
         self.xi = check_non_negative("xi", xi)
         self.eig_every = check_positive_int("eig_every", eig_every)
         self.eig_iters = check_positive_int("eig_iters", eig_iters)
@@ -166,7 +187,7 @@ class XSAM(SAM):
         torch._foreach_add_(grads, torch._foreach_mul(vector, coefficient))
 
     def step(self, closure: Optional[Callable[[], Any]] = None,
-             loss_fn: Optional[Callable[[], torch.Tensor]] = None):
+             loss_fn: Optional[Callable[[], torch.Tensor]] = None) -> Any:
         """With ``closure``: a whole X-SAM step (an eigen-update with ``loss_fn`` when due, then SAM's two
         closure calls); returns the loss at w. Without: ``second_step()``."""
         if loss_fn is not None and not callable(loss_fn):
