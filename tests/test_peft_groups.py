@@ -451,3 +451,22 @@ def test_precondition_core_grads_skips_peft_groups():
     grads = [p.grad.clone() for p in lora_params(model)]
     tnlayers.precondition_core_grads_(model)
     assert all(torch.equal(p.grad, g) for p, g in zip(lora_params(model), grads))
+
+
+@pytest.mark.parametrize("make", ["SAM", "GSAM", "XSAM"])
+def test_sam_family_marks_the_peft_groups_too(make):
+    """Built on plain model.parameters() (no core_groups call first), the SAM family marks each LoRA pair as one
+    group, as DAS/BAR do: the pairs are PEFT's own lora_A/lora_B of one layer."""
+    model = gpt2(init_lora_weights=False)
+    assert all(tnlayers.groups.group_of(p) is None for p in model.parameters())
+    opt = {"SAM": lambda ps: tnlayers.SAM(ps, torch.optim.SGD, lr=0.1),
+           "GSAM": lambda ps: tnlayers.GSAM(ps, torch.optim.SGD, lr=0.1),
+           "XSAM": lambda ps: tnlayers.XSAM(ps, torch.optim.SGD, lr=0.1)}[make]
+    opt([p for p in model.parameters() if p.requires_grad])
+    names = {id(p): n for n, p in model.named_parameters()}
+    tokens = {}
+    for p in lora_params(model):
+        assert tnlayers.groups.group_of(p) is not None, names[id(p)]
+        tokens.setdefault(tnlayers.groups.group_of(p), []).append(names[id(p)].split(".lora_")[0])
+    assert len(tokens) == len(lora_wrapped(model))
+    assert all(len(v) == 2 and v[0] == v[1] for v in tokens.values())  # A and B of the same layer

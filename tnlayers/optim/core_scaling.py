@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..groups import INDEX_ATTR, SIZE_ATTR, group_of, mark_peft_groups
+from ..groups import INDEX_ATTR, SIZE_ATTR, group_of
 from .._caller import user_stacklevel
 from ..types import Alpha, BaseOptimizer, Params
 from .alpha_schedule import alpha_at, check_schedule, split_alpha
@@ -230,9 +230,7 @@ class CoreScalingOptimizer(WrappedOptimizer):
         return {}
 
     def _param_groups_changed(self) -> None:
-        super()._param_groups_changed()
-        # PEFT adapter factors carry no markers until core_groups(model) sets them: mark them here (peft imported only)
-        mark_peft_groups(p for g in self.param_groups for p in g["params"])
+        super()._param_groups_changed()  # also marks PEFT groups (wrapper.py)
         self._core_index = None
 
     def _extra_state(self) -> Dict[str, Any]:

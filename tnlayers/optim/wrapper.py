@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ._divergence import DivergenceWatch
+from ..groups import mark_peft_groups
 from .state_dict import EXTRA_STATE_KEY, KIND_KEY, check_state_dict
 from ..types import BaseOptimizer, Params
 from .validation import check_base_compatible, check_not_meta, resolve_base_optimizer
@@ -99,6 +100,9 @@ class WrappedOptimizer(torch.optim.Optimizer):
         """Check every group's options; subclasses that cache anything derived from the groups extend it."""
         for group in self.param_groups:
             group.update(self._check_group(group))
+        # PEFT adapter factors carry no markers until core_groups(model) sets them: mark them here (peft imported
+        # only), so every wrapper (its divergence warning, DAS/BAR's rescale) sees the LoRA/LoHa/LoKr groups
+        mark_peft_groups(p for g in self.param_groups for p in g["params"])
         self._divergence.forget_cores()
 
     def _after_update(self) -> None:
