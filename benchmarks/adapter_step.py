@@ -98,21 +98,39 @@ def make_optimizer(method: str, params):
     return DAS(params, torch.optim.Adam, alpha=1.0, **base)  # backend "auto": torch on CPU, triton on CUDA
 
 
-def training_step(model, opt, ids, y, device) -> tuple:
-    """(whole step seconds, optimizer-step seconds)."""
+def timed_step(compute_loss, opt, device) -> tuple:
+    """(whole step seconds, optimizer-step seconds) of one training step on ``compute_loss()`` (SAM: two passes)."""
     synchronize(device)
     start = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    F.cross_entropy(logits(model, ids), y).backward()
+    compute_loss().backward()
     if isinstance(opt, SAM):
         opt.first_step()
-        F.cross_entropy(logits(model, ids), y).backward()
+        compute_loss().backward()
     synchronize(device)
     before_step = time.perf_counter()
     opt.step()
     synchronize(device)
     end = time.perf_counter()
     return end - start, end - before_step
+
+
+def interleaved_times(steps: dict, args, device) -> dict:
+    """Medians, spread and sample count of :func:`timed_step` for ``steps`` ({method: (optimizer, compute_loss)}):
+    ``args.warmup`` steps each, then ``args.rounds`` interleaved rounds of ``args.steps`` steps per method."""
+    for opt, compute_loss in steps.values():
+        for _ in range(args.warmup):
+            timed_step(compute_loss, opt, device)
+    times = {m: ([], []) for m in steps}
+    for _ in range(args.rounds):
+        for method, (opt, compute_loss) in steps.items():
+            for _ in range(args.steps):
+                whole, step = timed_step(compute_loss, opt, device)
+                times[method][0].append(whole)
+                times[method][1].append(step)
+    return dict(medians={m: (statistics.median(w), statistics.median(s)) for m, (w, s) in times.items()},
+                spread={m: (min(w), max(w)) for m, (w, _) in times.items()},
+                samples=len(next(iter(times.values()))[0]))
 
 
 def run_format(args, fmt: str, device) -> dict:
@@ -127,21 +145,11 @@ def run_format(args, fmt: str, device) -> dict:
             model = adapt(build_model(args, device), target_modules=["query", "value"], **ADAPTERS[fmt](args.dim))
         model.train()
         setups[method] = (model, make_optimizer(method, [p for p in model.parameters() if p.requires_grad]))
-    for model, opt in setups.values():
-        for _ in range(args.warmup):
-            training_step(model, opt, ids, y, device)
-    times = {m: ([], []) for m in METHODS}
-    for _ in range(args.rounds):
-        for method, (model, opt) in setups.items():
-            for _ in range(args.steps):
-                whole, step = training_step(model, opt, ids, y, device)
-                times[method][0].append(whole)
-                times[method][1].append(step)
+    timed = interleaved_times({m: (opt, lambda model=model: F.cross_entropy(logits(model, ids), y))
+                               for m, (model, opt) in setups.items()}, args, device)
     model = setups["Adam"][0]
     counts = trainable_parameters(model)
-    return dict(medians={m: (statistics.median(w), statistics.median(s)) for m, (w, s) in times.items()},
-                spread={m: (min(w), max(w)) for m, (w, _) in times.items()}, adapters=len(named_adapters(model)),
-                trainable=counts.trainable, total=counts.total, samples=len(times["Adam"][0]))
+    return dict(timed, adapters=len(named_adapters(model)), trainable=counts.trainable, total=counts.total)
 
 
 def report(args, results: dict, machine: str) -> str:
@@ -203,23 +211,6 @@ def make_peft_optimizer(method: str, params):
     return DAS(params, torch.optim.AdamW, alpha=1.0, **base)
 
 
-def peft_training_step(compute_loss, opt, device) -> tuple:
-    """(whole step seconds, optimizer-step seconds), as :func:`training_step`."""
-    synchronize(device)
-    start = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    compute_loss().backward()
-    if isinstance(opt, SAM):
-        opt.first_step()
-        compute_loss().backward()
-    synchronize(device)
-    before_step = time.perf_counter()
-    opt.step()
-    synchronize(device)
-    end = time.perf_counter()
-    return end - start, end - before_step
-
-
 def run_peft(args, name: str, device) -> dict:
     import peft
 
@@ -236,24 +227,13 @@ def run_peft(args, name: str, device) -> dict:
         opt = make_peft_optimizer(method, [p for p in model.parameters() if p.requires_grad])
         labels = ids if name == "gpt2" else y
         setups[method] = (model, opt, lambda model=model, labels=labels: model(input_ids=ids, labels=labels).loss)
-    for _, opt, compute_loss in setups.values():
-        for _ in range(args.warmup):
-            peft_training_step(compute_loss, opt, device)
-    times = {m: ([], []) for m in PEFT_METHODS}
-    for _ in range(args.rounds):
-        for method, (_, opt, compute_loss) in setups.items():
-            for _ in range(args.steps):
-                whole, step = peft_training_step(compute_loss, opt, device)
-                times[method][0].append(whole)
-                times[method][1].append(step)
+    timed = interleaved_times({m: (opt, compute_loss) for m, (_, opt, compute_loss) in setups.items()}, args, device)
     model, das = setups["DAS"][0], setups["DAS"][1]
     wrapped = sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
     rescaled = 0 if das.last_lambdas is None else len(das.last_lambdas[0])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return dict(medians={m: (statistics.median(w), statistics.median(s)) for m, (w, s) in times.items()},
-                spread={m: (min(w), max(w)) for m, (w, _) in times.items()}, lora_layers=wrapped,
-                core_groups=len(core_groups(model)), cores_rescaled_by_das=rescaled, trainable=trainable,
-                total=sum(p.numel() for p in model.parameters()), samples=len(times["AdamW"][0]))
+    return dict(timed, lora_layers=wrapped, core_groups=len(core_groups(model)), cores_rescaled_by_das=rescaled,
+                trainable=trainable, total=sum(p.numel() for p in model.parameters()))
 
 
 def peft_report(args, results: dict, machine: str) -> str:

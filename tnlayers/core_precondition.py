@@ -53,6 +53,15 @@ def _is_bond(label: str) -> bool:
     return not label.startswith("m")  # network.py: modes are m0, m1, ...; everything else is a bond
 
 
+def _prime(labels) -> Tuple[str, ...]:
+    return tuple(x + "'" for x in labels)
+
+
+def _bra(labels) -> Tuple[str, ...]:
+    """A core's labels for its copy in a Gram contraction: bonds primed, modes shared with the original."""
+    return tuple(x + "'" if _is_bond(x) else x for x in labels)
+
+
 def _pieces(cores: Tuple[Tuple[str, ...], ...], sizes: Tuple[Tuple[str, int], ...], k: int) -> List[Piece]:
     """The connected pieces of the network without core k that touch one of core k's bonds."""
     size = dict(sizes)
@@ -78,8 +87,8 @@ def _pieces(cores: Tuple[Tuple[str, ...], ...], sizes: Tuple[Tuple[str, int], ..
         if not bonds:
             continue
         ket = [cores[j] for j in members]
-        bra = [tuple(x + "'" if _is_bond(x) else x for x in labels) for labels in ket]
-        equation = einsum_equation(ket + bra, list(bonds) + [b + "'" for b in bonds])
+        bra = [_bra(labels) for labels in ket]
+        equation = einsum_equation(ket + bra, list(bonds) + list(_prime(bonds)))
         shapes = tuple(tuple(size[x.rstrip("'")] for x in labels) for labels in ket + bra)
         out.append((tuple(members), bonds, Contraction(equation, shapes)))
     return out
@@ -88,10 +97,6 @@ def _pieces(cores: Tuple[Tuple[str, ...], ...], sizes: Tuple[Tuple[str, int], ..
 @lru_cache(maxsize=1024)
 def _plan(cores: Tuple[Tuple[str, ...], ...], sizes: Tuple[Tuple[str, int], ...]) -> Tuple[List[Piece], ...]:
     return tuple(_pieces(cores, sizes, k) for k in range(len(cores)))
-
-
-def _prime(labels) -> Tuple[str, ...]:
-    return tuple(x + "'" for x in labels)
 
 
 def _is_chain(cores: Tuple[Tuple[str, ...], ...]) -> bool:
@@ -120,14 +125,12 @@ def _chain_grams(net, cores: Sequence[torch.Tensor]) -> dict:
     bonds = [tuple(x for x in ls if _is_bond(x)) for ls in labels]
     transfer = []
     for j, core in enumerate(cores):
-        mode = tuple(x for x in labels[j] if not _is_bond(x))
-        bra = tuple(x if x in mode else x + "'" for x in labels[j])
-        transfer.append((torch.einsum(_join_equation(labels[j], bra, bonds[j] + _prime(bonds[j])), core, core),
-                         bonds[j] + _prime(bonds[j])))
+        out = bonds[j] + _prime(bonds[j])
+        transfer.append((torch.einsum(_join_equation(labels[j], _bra(labels[j]), out), core, core), out))
 
     def needed(outside):  # the (ket and bra) bond labels still shared with the cores in ``outside``
         keep = {x for j in outside for x in bonds[j]}
-        return keep | {x + "'" for x in keep}
+        return keep | set(_prime(keep))
 
     def join(a, b, keep, order=None):
         seen = list(dict.fromkeys(a[1] + b[1]))
@@ -209,10 +212,10 @@ def precondition_core_grads_(model: nn.Module, damping: float = 1e-2) -> None:
     ``torch.optim`` optimizers (tnlayers' SAM/DAS/BAR compute their own steps from the raw gradients).
 
     Acts on :class:`~tnlayers.TensorizedLinear`/:class:`~tnlayers.TensorizedConv2d` (all named formats) and
-    :class:`~tnlayers.FactorizedTensor`; adapters (tnlayers' and PEFT's) are left alone (their zero-initialized update makes the
-    Gram matrices vanish, and the scaled step of a vanishing core is unbounded). ``damping`` (δ ≥ 0, relative
-    to each Gram matrix's mean diagonal) bounds the step where a core's environment is rank-deficient (a rank
-    above a mode's size).
+    :class:`~tnlayers.FactorizedTensor`; adapters (tnlayers' and PEFT's) are left alone (their zero-initialized
+    update makes the Gram matrices vanish, and the scaled step of a vanishing core is unbounded). ``damping``
+    (δ ≥ 0, relative to each Gram matrix's mean diagonal) bounds the step where a core's environment is
+    rank-deficient (a rank above a mode's size).
 
     Example::
 

@@ -108,7 +108,8 @@ def _peft_integration():
 def mark_peft_groups(params: Iterable[torch.Tensor]) -> int:
     """Mark the PEFT adapter groups holding any unmarked parameter of ``params``; returns how many were marked.
 
-    DAS and BAR call it at construction, so plain ``model.parameters()`` of a PEFT model finds its groups without
+    Every tnlayers optimizer calls it at construction (and on ``add_param_group``/``load_state_dict``), so plain
+    ``model.parameters()`` of a PEFT model finds its groups without
     a prior :func:`core_groups`; it scans the live PEFT layers (:func:`tnlayers.integrations.peft.live_tuner_layers`),
     only when peft is imported and some parameter is unmarked.
     """

@@ -22,6 +22,7 @@ import torch
 
 from .._caller import user_stacklevel
 from ..groups import group_of
+from .norms import stat_dtype
 
 __all__ = ["DivergenceWarning"]
 
@@ -133,7 +134,7 @@ def _norms(cores: List[_Core], order: float) -> torch.Tensor:
     tensors = [_local(c.tensor) for c in cores]
     if order == math.inf and any(t.numel() == 0 for t in tensors):  # an empty shard: its max has no value
         tensors = [t if t.numel() else t.new_zeros(1) for t in tensors]
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    dtype = stat_dtype(tensors)
     devices = {t.device for t in tensors}
     if len(devices) == 1:
         return torch.stack(torch._foreach_norm(tensors, order, dtype=dtype))

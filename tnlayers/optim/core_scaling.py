@@ -25,18 +25,9 @@ from ..groups import INDEX_ATTR, SIZE_ATTR, group_of
 from .._caller import user_stacklevel
 from ..types import Alpha, BaseOptimizer, Params
 from .alpha_schedule import alpha_at, check_schedule, split_alpha
+from .norms import foreach_squared_norms, stat_dtype
 from .validation import check_non_negative
 from .wrapper import WrappedOptimizer
-
-
-def stat_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
-    """float64 when any tensor is float64 (keeps float64 checks exact), else float32 (half/bf16 cores too)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def foreach_squared_norms(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """||t||_F² of each tensor as one vector, in one multi-tensor launch."""
-    return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=dtype)).square()
 
 
 def _dtensor_type(cores: Sequence[torch.Tensor]) -> Optional[type]:

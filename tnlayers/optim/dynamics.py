@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..groups import core_groups
-from .core_scaling import foreach_squared_norms, stat_dtype
+from .norms import foreach_squared_norms, stat_dtype
 
 __all__ = ["NormDynamics"]
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .batchnorm import disable_running_stats
-from .core_scaling import stat_dtype
+from .norms import stat_dtype
 
 __all__ = ["HessianOperator", "Eigenpair", "power_iteration", "top_eigenvector", "max_hessian_eigenvalue"]
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..types import BaseOptimizer, Params
-from .core_scaling import stat_dtype
+from .norms import stat_dtype
 from .validation import check_non_negative
 from .wrapper import WrappedOptimizer
 
