@@ -22,6 +22,17 @@ from tnlayers.adapters import (Conv2dAdapter, LinearAdapter, adapt, merge, named
 FORMATS = ["lora", "tucker", "tt", "cp", "tr"]
 STRATEGIES = ["dense", "factorized", "auto"]
 NAN = float("nan")
+UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11,
+                 torch.bfloat16: 2.0 ** -8}
+
+
+def assert_within_merge_round_off(restored, original, merged):
+    """unmerge's documented bound, per entry: |W'' - W| <= u (|W| + |W + sΔW|), written here with the merged
+    weight W' for W + sΔW (it differs from it by at most u|W + sΔW|, hence the factor 1 + 2u)."""
+    u = UNIT_ROUNDOFF[original.dtype]
+    w, w0, wm = (t.detach().double() for t in (restored, original, merged))
+    bound = u * (w0.abs() + wm.abs()) * (1 + 2 * u)
+    assert ((w - w0).abs() <= bound).all(), ((w - w0).abs() / bound).max()
 
 
 @pytest.fixture(autouse=True)
@@ -71,12 +82,20 @@ def test_adapted_equals_base_at_init_and_merge_unmerge_round_trip(fmt, strategy)
     train_a_little(model, x)
     y_adapted = model(x)
     assert not torch.allclose(y_adapted, y_base)
-    merge(model)
+    merge(model, keep_original=True)  # keeps a copy of each weight: unmerge restores it bit for bit
     assert all(a.merged for _, a in named_adapters(model))
     torch.testing.assert_close(model(x), y_adapted, atol=1e-5, rtol=0)
     unmerge(model)
     for name in ("0", "3", "5"):
         assert torch.equal(model.get_submodule(name).base.weight, before[f"{name}.weight"])
+        assert torch.equal(model.get_submodule(name).base.bias, before[f"{name}.bias"])
+    torch.testing.assert_close(model(x), y_adapted, atol=1e-5, rtol=0)
+    merge(model)  # the default: ΔW added in place, subtracted again
+    torch.testing.assert_close(model(x), y_adapted, atol=1e-5, rtol=0)
+    merged = {name: model.get_submodule(name).base.weight.detach().clone() for name in ("0", "3", "5")}
+    unmerge(model)
+    for name in ("0", "3", "5"):
+        assert_within_merge_round_off(model.get_submodule(name).base.weight, before[f"{name}.weight"], merged[name])
         assert torch.equal(model.get_submodule(name).base.bias, before[f"{name}.bias"])
     torch.testing.assert_close(model(x), y_adapted, atol=1e-5, rtol=0)
 
@@ -445,7 +464,8 @@ def test_merge_refuses_a_non_finite_update_and_changes_nothing():
     weights = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         model[5].cores[0][0, 0] = NAN
-    with pytest.raises(ValueError, match="merge: the update of this LinearAdapter holds non-finite"):
+    with pytest.raises(ValueError, match=r"merge: the update of 1 adapter\(s\) holds non-finite values \(NaN or inf\): "
+                                         r"\['5'\]; nothing was merged"):
         merge(model)
     assert not any(a.merged for _, a in named_adapters(model))
     assert torch.equal(model[3].base.weight, weights[[n for n, _ in model.named_parameters()].index("3.base.weight")])

@@ -69,11 +69,17 @@ def test_gpt2_conv1d_adapters_equal_base_then_merge_and_unmerge(fmt):
     train_a_little(model, ids)
     y = hidden(model, ids)
     assert not torch.allclose(y, y_base)
-    merge(model)
+    merge(model, keep_original=True)
     torch.testing.assert_close(hidden(model, ids), y, atol=1e-5, rtol=0)
     unmerge(model)
     assert torch.equal(model.h[0].attn.c_attn.base.weight, before["h.0.attn.c_attn.weight"])
     assert torch.equal(model.h[1].mlp.c_proj.base.weight, before["h.1.mlp.c_proj.weight"])
+    merge(model)  # in place into the (in, out) Conv1D weight, then out again within round-off
+    torch.testing.assert_close(hidden(model, ids), y, atol=1e-5, rtol=0)
+    unmerge(model)
+    for name in ("h.0.attn.c_attn", "h.1.mlp.c_proj"):
+        torch.testing.assert_close(model.get_submodule(name).base.weight, before[f"{name}.weight"], atol=1e-6,
+                                   rtol=2 ** -22)
 
 
 def test_gpt2_conv1d_output_matches_transposed_dense_reference():

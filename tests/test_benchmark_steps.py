@@ -1,25 +1,10 @@
 """benchmarks/step_time.py and adapter_step.py end to end at toy sizes (untimed: the scripts run, write
 every method's row and the settings, and their statistics are consistent with each other)."""
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load(name):
-    sys.path.insert(0, str(BENCH))  # the scripts import each other and _memory by their file names
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
-
+from _benchmarks import BENCH, load_benchmark as load
 
 def check_stats(medians, spread, methods):
     assert list(medians) == methods

@@ -222,3 +222,15 @@ def test_steps_out_of_order_are_errors():
     opt.first_step(zero_grad=False)
     with pytest.raises(RuntimeError, match="twice"):
         opt.first_step()
+
+
+def test_eps_goes_to_the_base_optimizer_and_perturb_eps_to_sam():
+    """``SAM(params, AdamW, eps=...)`` sets AdamW's eps (as davda54/sam, whose SAM takes no eps, passes it on);
+    SAM's guard of the division by ||g|| is ``perturb_eps``: one step equals the formula with it."""
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    opt = SAM([w], torch.optim.AdamW, rho=0.5, perturb_eps=1.0, eps=1e-3, lr=0.1)
+    assert opt.param_groups[0]["eps"] == 1e-3 and opt.base_optimizer.defaults["eps"] == 1e-3
+    w.grad = torch.tensor([3.0, 4.0], dtype=torch.float64)  # ||g|| = 5
+    opt.first_step()
+    expected = torch.tensor([3.0, 4.0], dtype=torch.float64) * (1 + 0.5 / (5 + 1.0))  # w + rho g/(||g|| + eps)
+    assert torch.allclose(w.detach(), expected, rtol=0, atol=1e-15)

@@ -25,7 +25,7 @@ def test_usage_example_runs(capsys):
 
 
 def test_peft_example_runs(capsys):
-    (code,) = [c for c in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "import peft" in c]
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "import peft" in c and "core_groups" in c]
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
     names = eval(capsys.readouterr().out.strip().splitlines()[-1])  # the printed group names
@@ -41,3 +41,20 @@ def test_ci_runs_the_readme_test_command():
     block = README.split("<!-- ci:test-command -->", 1)[1]
     assert out.stdout.strip() == re.search(r"```bash\n(.*?)\n", block).group(1).strip()
     assert "pytest" in out.stdout
+
+
+
+def test_trainer_example_runs(capsys):
+    import pytest
+    import torch
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "SAMTrainer" in c]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two OpenMP threads make each tiny step ~10x slower on a shared 2-core machine
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+    finally:
+        torch.set_num_threads(threads)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "SAM 10"

@@ -1,10 +1,7 @@
 """The step size on W (docs/design.md, "The step size on W"): tnlayers.lr.step_ratio against an independent
 computation, the per-core multipliers of tnlayers.lr.param_groups, and the benchmark's --quick mode."""
-import importlib.util
 import math
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,10 +9,10 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import tnlayers
+from _benchmarks import load_benchmark
 from tnlayers.lr import core_lr_multipliers, param_groups, step_ratio
 
 FORMATS = ["tt", "tr", "cp", "tucker"]
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def hand_weight(layer, cores):
@@ -195,14 +192,7 @@ def test_step_ratio_refuses_a_wrong_gradient_shape():
 
 
 def _bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_lr_transfer", BENCH / "lr_transfer.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return load_benchmark("lr_transfer")
 
 
 def test_benchmark_quick_grid(tmp_path):

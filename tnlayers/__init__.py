@@ -33,7 +33,7 @@ from .shapes import tensorize_dim
 from .strategy import get_strategy, set_strategy
 from . import adapters, compression_report, convert
 from .convert import summary, tensorize, to_dense
-from .adapters import adapt, trainable_parameters, unadapt
+from .adapters import adapt, load_adapters, save_adapters, trainable_parameters, unadapt
 from .adapters import merge as merge_adapters, unmerge as unmerge_adapters
 
 # tnlayers.tensorize and tnlayers.summary are the functions; their modules are tnlayers.convert and
@@ -49,5 +49,6 @@ __all__ = ["FactorizedTensor", "TensorizedLinear", "TensorizedConv2d", "TTConv2d
            "norm_report", "tensorize_dim", "FORMATS", "SAM", "XSAM", "GSAM", "DAS", "BAR", "tensorize", "summary",
            "to_dense",
            "set_strategy", "get_strategy", "lr", "models", "optim", "training", "adapters", "metrics",
-           "adapt", "unadapt", "merge_adapters", "unmerge_adapters", "trainable_parameters", "cached",
+           "adapt", "unadapt", "merge_adapters", "unmerge_adapters", "save_adapters", "load_adapters",
+           "trainable_parameters", "cached",
            "precondition_core_grads_"]

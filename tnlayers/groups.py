@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import itertools
 import sys
-from typing import Iterable, List, Sequence, Tuple
+import weakref
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ GROUP_ATTR = "_tn_group"
 INDEX_ATTR = "_tn_core"
 SIZE_ATTR = "_tn_group_size"
 _tokens = itertools.count(1)
+# parameters a PEFT scan found in no adapter group: id -> weak reference (a parameter never joins a group later;
+# a new adapter brings new parameters), so repeated optimizer constructions and load_state_dict skip the scan
+_not_peft: Dict[int, "weakref.ref[torch.Tensor]"] = {}
 
 
 def mark_core_group(cores: Sequence[torch.Tensor]) -> int:
@@ -114,7 +118,9 @@ def mark_peft_groups(params: Iterable[torch.Tensor]) -> int:
     only when peft is imported and some parameter is unmarked.
     """
     peft = _peft_integration()
-    unmarked = {id(p) for p in params if group_of(p) is None} if peft is not None else set()
+    if peft is None:
+        return 0
+    unmarked = {id(p): p for p in params if group_of(p) is None and not _known_not_peft(p)}
     if not unmarked:
         return 0
     marked = 0
@@ -123,7 +129,15 @@ def mark_peft_groups(params: Iterable[torch.Tensor]) -> int:
             if any(id(c) in unmarked for c in cores):
                 _refresh_markers(cores)
                 marked += 1
+    for key, p in unmarked.items():
+        if group_of(p) is None:
+            _not_peft[key] = weakref.ref(p, lambda _, key=key: _not_peft.pop(key, None))
     return marked
+
+
+def _known_not_peft(p: torch.Tensor) -> bool:
+    ref = _not_peft.get(id(p))
+    return ref is not None and ref() is p
 
 
 def _fsdp_sharded(model: nn.Module) -> bool:

@@ -19,13 +19,15 @@ from torch import nn
 
 from .groups import core_groups
 from .optim.dynamics import NormDynamics
+from .optim.norms import stat_dtype
 
 __all__ = ["squared_norms", "norm_deviation", "norm_report", "NormDynamics"]
 
 
 def squared_norms(cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """s_k = ||G_k||_F^2 for each core, as one vector (differentiable): float64 if any core is float64,
-    else float32 (half and bf16 cores are summed in float32).
+    """s_k = ||G_k||_F^2 for each core, as one vector (differentiable) on the first core's device: float64 if any
+    core is float64 or complex128, else float32 (half and bf16 cores are summed in float32; a complex core's
+    entries count as |z|²).
 
         >>> import torch
         >>> from tnlayers.metrics import squared_norms
@@ -34,8 +36,14 @@ def squared_norms(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if len(cores) == 0:
         raise ValueError("cores must hold at least one tensor")
-    dtype = torch.float64 if any(c.dtype == torch.float64 for c in cores) else torch.float32
-    return torch.stack([c.to(dtype).pow(2).sum() for c in cores])
+    dtype = stat_dtype(cores)
+    home = cores[0].device
+    return torch.stack([_squared(c, dtype).to(home) for c in cores])
+
+
+def _squared(core: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """||core||² in ``dtype``, differentiably; a complex core as its pairs of reals."""
+    return (torch.view_as_real(core.resolve_conj()) if core.is_complex() else core).to(dtype).pow(2).sum()
 
 
 def norm_deviation(cores: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -13,14 +13,16 @@ Dropout on the adapter's input (as LoRA's) needs the factorized way while traini
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from math import prod
 from numbers import Real
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..contract import expression
 from ..formats._rank import check_int_rank
 from ..init import init_cores_, kaiming_std
 from ..layers.base import CoreModule
@@ -30,6 +32,10 @@ from .delta import delta_layout, get_adapter_format
 __all__ = ["Adapter", "INITS", "STRATEGIES", "check_number", "check_adapter_options"]
 
 INITS = ("zero", "random")
+MERGE_BLOCKS = 8  # merge builds ΔW in up to this many blocks of output rows: at most ~1/8 of a layer at a time
+# _merge_stamp after load_state_dict replaced a merged adapter's base weight without the cores and merged flag
+# saved with it: which ΔW that weight holds is unknown
+_UNKNOWN_DELTA = "base weight loaded without its cores"
 
 
 def check_number(name: str, value, low: float, high: float, low_open: bool, high_open: bool) -> float:
@@ -87,8 +93,10 @@ class Adapter(CoreModule):
         self.fan_in = in_dim * prod(kernel)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        # merge() keeps the base weight it overwrote, so unmerge() restores it bit for bit
+        # merge(keep_original=True) keeps the base weight it overwrote, so unmerge() restores it bit for bit
         self.register_buffer("weight_before_merge", None, persistent=False)
+        # (id, version counter) of each core at merge: unmerge() subtracts ΔW again, which must be the one added
+        self._merge_stamp = None
         # what a timed choice depends on besides the input (the base's repr holds its shape, stride, padding,
         # groups): adapters alike share decisions (tnlayers.strategy)
         self._choices = ModuleChoices((type(self).__name__, self.network.cores,
@@ -127,27 +135,117 @@ class Adapter(CoreModule):
         # 1x1 conv it reads as channels-last), sending the base op to another kernel than base(x) runs
         return (self.scale * self.plan.weight(self.core_parameters()).reshape(self._delta_shape())).contiguous()
 
+    def _each_block(self, visit: Callable[[torch.Tensor, torch.Tensor], Any]) -> List[Any]:
+        """``visit(ΔW / scale for a block of output rows, the base weight's block viewed with the same axes)`` for
+        each block, the cores' contraction with the first output mode sliced into up to ``MERGE_BLOCKS`` parts;
+        the results, in order. Merge and unmerge add each block in place, so beyond the model they hold one
+        block and the contraction's small intermediates, never a whole layer's ΔW or a copy of the weight. No
+        autocast: unmerge must subtract exactly what merge added."""
+        device = self.base.weight.device.type
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
+            return self._blocks(visit)
+
+    def _blocks(self, visit) -> List[Any]:
+        self._check_materialized("merge")
+        plan, net = self.plan, self.network
+        modes = [*plan.out_modes, *plan.in_modes, *plan.spatial_modes]
+        equation, first = net.equation(modes), modes[0]
+        holder, axis = next((k, labels.index(first)) for k, labels in enumerate(net.cores) if first in labels)
+        cores = list(self.core_parameters())
+        size = net.sizes[first]
+        rows = prod(net.sizes[m] for m in plan.out_modes[1:])  # output rows per index of the first output mode
+        weight = self._to_base_layout(self.base.weight)  # (out, in[, kh, kw]): a transpose is its own inverse
+        step = -(-size // min(size, MERGE_BLOCKS))
+        results = []
+        for start in range(0, size, step):
+            part = list(cores)
+            part[holder] = cores[holder].narrow(axis, start, min(step, size - start))
+            delta = expression(equation, tuple(tuple(c.shape) for c in part))[0](*part)  # plans cached per shape
+            block = weight.narrow(0, start * rows, delta.shape[0] * rows)
+            try:
+                block = block.view(delta.shape)  # splits the channel axes (merges kh, kw for TT/TR)
+            except RuntimeError:  # a weight stored so that no such view exists: reshape ΔW's block instead
+                delta = delta.reshape(block.shape)
+            results.append(visit(delta, block))
+            del delta, block  # before the next block is built: one block alive at a time
+        return results
+
+    def _apply_delta(self, sign: int) -> None:
+        self._each_block(lambda delta, block: block.add_(delta, alpha=sign * self.scale))
+
+    @staticmethod
+    def _finite(delta: torch.Tensor) -> bool:
+        # aminmax: NaN propagates, and no mask of the block's size as isfinite(delta) makes; over the axes in
+        # memory order, since it copies a permuted block (as a contraction's output may come) first
+        low, high = torch.aminmax(delta.permute(sorted(range(delta.dim()), key=lambda i: -delta.stride(i))))
+        return bool(torch.isfinite(low) & torch.isfinite(high))
+
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold scale·ΔW into ``base.weight`` (a no-op when merged); forward is then ``base(x)`` alone."""
+    def _mergeable(self) -> bool:
+        """Whether :meth:`merge` would accept this adapter (its ΔW is finite); changes nothing."""
+        return self.merged or all(self._each_block(lambda delta, block: self._finite(delta)))
+
+    @torch.no_grad()
+    def merge(self, keep_original: bool = False) -> None:
+        """Add scale·ΔW into ``base.weight`` in place (a no-op when merged); forward is then ``base(x)`` alone.
+        ``keep_original=True`` also keeps a copy of the weight, for a bitwise :meth:`unmerge`; without it
+        unmerge subtracts ΔW again (round-off: :func:`tnlayers.adapters.merge`)."""
+        if not isinstance(keep_original, bool):
+            raise TypeError(f"keep_original must be True or False, got {keep_original!r}")
         if self.merged:
             return
-        weight = self.base.weight
-        delta = self._to_base_layout(self.delta_weight()).to(weight.dtype)
-        if not bool(torch.isfinite(delta).all()):
+        if not self._mergeable():  # checked whole before the first block is added
             raise ValueError(f"merge: the update of this {type(self).__name__} holds non-finite values (NaN or inf); "
                              f"the base weight was left as it is")
-        self.weight_before_merge = weight.detach().clone()
-        weight.add_(delta)
+        self._merge_checked(keep_original)
+
+    def _merge_checked(self, keep_original: bool) -> None:
+        """merge, once ``_mergeable()`` said yes (``tnlayers.adapters.merge`` checks every adapter first)."""
+        if keep_original:
+            self.weight_before_merge = self.base.weight.detach().clone()
+        self._apply_delta(+1)
+        self._merge_stamp = self._core_stamp()
         self.merged = True
+
+    def _core_stamp(self) -> Tuple[Tuple[int, int], ...]:
+        return tuple((id(c), c._version) for c in self.cores)
+
+    def _check_cores_unchanged(self, name: Optional[str] = None) -> None:
+        """Refuse to subtract a ΔW other than the one merge added: the cores changed in place since (an
+        optimizer step, ``load_state_dict``, an edit under ``no_grad``; ``.data`` writes are not seen). A copy of
+        the model (``deepcopy``, pickling) holds other core objects, whose counters started afresh: not checked."""
+        stamp = self._merge_stamp
+        what = f"this {type(self).__name__}" if name is None else f"{type(self).__name__} {name!r}"
+        fix = ("keep the merged weight (unadapt(model, merge=True)); merge(model, keep_original=True) keeps a copy of "
+               "each weight that unmerge restores whatever the cores")
+        if stamp == _UNKNOWN_DELTA:
+            raise ValueError(f"unmerge: load_state_dict replaced the base weight of {what} while merged, without "
+                             f"the cores and merged flag saved with it, so which ΔW that weight holds is unknown; load "
+                             f"the whole state saved with it, or {fix}")
+        if stamp is None:
+            return
+        changed = [k for k, (core, (ident, version)) in enumerate(zip(self.cores, stamp))
+                   if id(core) == ident and core._version != version]
+        if changed:
+            raise ValueError(f"unmerge: cores {changed} of {what} changed since merge (an optimizer step, "
+                             f"load_state_dict or an in-place edit while merged); the base weight holds the ΔW of the "
+                             f"cores at merge time, and subtracting today's ΔW would not restore "
+                             f"it. Load the state saved while merged (base weight and cores together), or {fix}")
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore ``base.weight`` exactly as it was before :meth:`merge` (a no-op when not merged)."""
+        """Take ΔW out of ``base.weight`` again (a no-op when not merged): bit for bit from the kept copy after
+        ``merge(keep_original=True)``, else by subtracting the ΔW of the same cores (within the round-off
+        :func:`tnlayers.adapters.merge` states); refused if the cores changed since merge."""
         if not self.merged:
             return
-        self.base.weight.copy_(self.weight_before_merge)
+        if self.weight_before_merge is not None:
+            self.base.weight.copy_(self.weight_before_merge)
+        else:
+            self._check_cores_unchanged()
+            self._apply_delta(-1)
         self.weight_before_merge = None
+        self._merge_stamp = None
         self.merged = False
 
     # -- state --------------------------------------------------------------------------------------------
@@ -165,6 +263,12 @@ class Adapter(CoreModule):
             raise ValueError(f"load_state_dict: {prefix or '<model>'!r} was saved {saved} but is {here} here: its base "
                              f"weight would count ΔW {'twice' if bool(flag) else 'not at all'}; call "
                              f"{'merge' if bool(flag) else 'unmerge'} on the model before loading")
+        if self.merged and prefix + "base.weight" in state_dict:
+            # the loaded base weight replaces the one merge kept a copy of; saved merged (checked above), it holds
+            # the ΔW of the cores saved with it, which unmerge can subtract once they are loaded too
+            self.weight_before_merge = None
+            whole = flag is not None and all(f"{prefix}cores.{k}" in state_dict for k in range(len(self.cores)))
+            self._merge_stamp = None if whole else _UNKNOWN_DELTA
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

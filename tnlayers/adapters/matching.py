@@ -12,13 +12,18 @@ Rules, written down once:
 - a module registered in several places is one layer: it is wrapped once and the same adapter goes into
   every place, so ``target_modules`` must match all of its names or none (else a ValueError naming them);
 - a matched module must be an ``nn.Linear``, an ``nn.Conv2d`` or a transformers ``Conv1D`` (anything
-  else is a TypeError naming it); one that is already an adapter is a ValueError (a layer is wrapped once).
+  else is a TypeError naming it); one that is already an adapter is a ValueError (a layer is wrapped once);
+- Hugging Face PEFT's layers (its tuner layers such as LoRA's ``Linear``, and ``modules_to_save`` wrappers)
+  already adapt the layer they hold: matching one is a ValueError; what lies inside one (``base_layer``,
+  ``lora_A.default``...) is never a target: a glob or regular expression skips it, a name or dotted suffix
+  (or a pattern matching nothing else) naming it is a ValueError. PEFT is recognized without importing it.
 """
 from __future__ import annotations
 
 import re
+import sys
 from fnmatch import fnmatchcase
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -27,7 +32,32 @@ from .conv import Conv2dAdapter
 from .adapter import Adapter
 from .linear import LinearAdapter, is_hf_conv1d
 
-__all__ = ["select_targets", "adapter_class"]
+__all__ = ["select_targets", "adapter_class", "peft_parameters"]
+
+# PEFT's base class of every tuner layer (LoRA, LoHa, IA3...) and of its whole-module wrappers
+_PEFT_CLASSES = (("peft.tuners.tuners_utils", "BaseTunerLayer"), ("peft.utils.other", "AuxiliaryTrainingWrapper"),
+                 ("peft.utils.other", "ModulesToSaveWrapper"))
+
+
+def _peft_kinds() -> Tuple[type, ...]:
+    """PEFT's layer classes, as far as the user has imported peft (tnlayers never imports it)."""
+    if "peft" not in sys.modules:
+        return ()
+    found = (getattr(sys.modules.get(module), name, None) for module, name in _PEFT_CLASSES)
+    return tuple(c for c in found if isinstance(c, type))
+
+
+def _is_peft(module: nn.Module, kinds: Tuple[type, ...]) -> bool:
+    return bool(kinds) and isinstance(module, kinds)
+
+
+def peft_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The parameters inside PEFT's layers (its adapters and the base layers it froze): ``adapt`` leaves their
+    ``requires_grad`` as PEFT set it."""
+    kinds = _peft_kinds()
+    if _is_peft(model, kinds):
+        return list(model.parameters())
+    return [p for m in model.modules() if _is_peft(m, kinds) for p in m.parameters()]
 
 
 def adapter_class(module: nn.Module) -> Optional[type]:
@@ -39,16 +69,36 @@ def adapter_class(module: nn.Module) -> Optional[type]:
     return None
 
 
-def _candidates(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """Every named submodule, except the model itself and what lies inside an adapter."""
-    out, adapters = [], []
+def _candidates(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], Dict[str, Tuple[str, nn.Module]]]:
+    """(every named submodule except the model itself and what lies inside an adapter or a PEFT layer,
+    {name inside a PEFT layer: (that layer's name, the layer)})."""
+    kinds = _peft_kinds()
+    out, inside = [], {}
+    closed = [("", model)] if _is_peft(model, kinds) else []  # PEFT layers met so far (parents come first)
+    adapters = []
     for name, module in model.named_modules(remove_duplicate=False):
+        owner = next(((p, m) for p, m in closed if not p or name.startswith(p + ".")), None)
+        if owner is not None:
+            if name:
+                inside[name] = owner
+            continue
         if not name or any(name.startswith(prefix + ".") for prefix in adapters):
             continue
         if isinstance(module, Adapter):
             adapters.append(name)
+        elif _is_peft(module, kinds):
+            closed.append((name, module))
         out.append((name, module))
-    return out
+    return out, inside
+
+
+def _peft_error(entry, name: str, owner: Tuple[str, nn.Module]) -> ValueError:
+    where, layer = owner
+    kind = f"{type(layer).__module__}.{type(layer).__name__}"
+    return ValueError(f"target_modules: {entry!r} names {name!r}, inside {where or '<model>'!r}, a layer PEFT "
+                      f"already adapted ({kind}); tnlayers adapts the layers PEFT did not wrap: leave it out of "
+                      f"target_modules, or fold PEFT's adapter into the base model first (merge_and_unload()) "
+                      f"and adapt the plain layer")
 
 
 def _entry_matches(entry: str, name: str) -> bool:
@@ -57,7 +107,7 @@ def _entry_matches(entry: str, name: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
-def _matcher(target_modules, names: List[str], known: List[str]):
+def _matcher(target_modules, names: List[str], known: List[str], inside: Dict[str, Tuple[str, nn.Module]]):
     """``name -> bool`` for ``target_modules``, after checking that each pattern matches something."""
     if isinstance(target_modules, str):
         try:
@@ -65,6 +115,9 @@ def _matcher(target_modules, names: List[str], known: List[str]):
         except re.error as err:
             raise ValueError(f"target_modules: {target_modules!r} is not a valid regular expression ({err})") from None
         if not any(pattern.fullmatch(name) for name in names):
+            hidden = next((name for name in inside if pattern.fullmatch(name)), None)
+            if hidden is not None:
+                raise _peft_error(target_modules, hidden, inside[hidden])
             raise ValueError(f"target_modules: the regular expression {target_modules!r} matches no module name as a "
                              f"whole (re.fullmatch); the model's Linear/Conv modules start {known[:8]}")
         return lambda name: pattern.fullmatch(name) is not None
@@ -77,7 +130,11 @@ def _matcher(target_modules, names: List[str], known: List[str]):
     for entry in entries:
         if not isinstance(entry, str) or not entry:
             raise TypeError(f"target_modules entries must be non-empty str, got {entry!r}")
-        if not any(_entry_matches(entry, name) for name in names):
+        found = any(_entry_matches(entry, name) for name in names)
+        hidden = next((name for name in inside if _entry_matches(entry, name)), None)
+        if hidden is not None and not (found and _is_glob(entry)):  # a glob matching other layers too skips it
+            raise _peft_error(entry, hidden, inside[hidden])
+        if not found:
             leaves = sorted({name.rsplit(".", 1)[-1] for name in known})
             raise ValueError(f"target_modules: {entry!r} matches no module of the model (by name, dotted suffix or "
                              f"glob); {_close_matches_hint(entry, leaves + known)}")
@@ -85,6 +142,11 @@ def _matcher(target_modules, names: List[str], known: List[str]):
 
 
 def _why_not(name: str, module: nn.Module, parents: dict) -> Optional[Exception]:
+    if _is_peft(module, _peft_kinds()):
+        return ValueError(f"target_modules: {name!r} is a layer PEFT already adapted ({type(module).__module__}."
+                          f"{type(module).__name__}); tnlayers adapts the layers PEFT did not wrap: leave it out of "
+                          f"target_modules, or fold PEFT's adapter into the base model first (merge_and_unload()) "
+                          f"and adapt the plain layer")
     if isinstance(module, Adapter):
         return ValueError(f"target_modules: {name!r} is already adapted ({type(module).__name__}); a layer is "
                           f"wrapped once: unadapt(model) first (merge=True keeps its update), then adapt again")
@@ -104,10 +166,10 @@ def select_targets(model: nn.Module, target_modules) -> List[Tuple[str, nn.Modul
     if target_modules is None:
         raise TypeError("adapt needs target_modules=: a list of module names or dotted suffixes (e.g. ['query', "
                         "'value']), globs, or a regular expression str")
-    candidates = _candidates(model)
+    candidates, inside = _candidates(model)
     names = [name for name, _ in candidates]
     known = [name for name, module in candidates if adapter_class(module) is not None]
-    matches = _matcher(target_modules, names, known)
+    matches = _matcher(target_modules, names, known, inside)
     parents = {"": model, **dict(candidates)}
     selected = {}
     for name, module in candidates:

@@ -22,6 +22,7 @@ import torch
 
 from .._caller import user_stacklevel
 from ..groups import group_of
+from .buckets import Buckets, one_bucket
 from .norms import stat_dtype
 
 __all__ = ["DivergenceWarning"]
@@ -63,19 +64,29 @@ class DivergenceWatch:
         self.steps = 0
         self.warned = False
         self._cores: Optional[List[_Core]] = None  # rebuilt when the param groups change
+        self._buckets: Optional[Buckets] = None  # with _cores: cores over several devices or dtypes
+        self._tensors: Optional[List[torch.Tensor]] = None  # with _cores: the cores, when not sharded
+        self._dtype = torch.float32  # with _cores: the dtype of their norms
         self._pending: List[Tuple[Any, torch.Tensor, int, List[_Core]]] = []  # CUDA: (event, host copy, step, cores)
 
     def __getstate__(self) -> Dict[str, Any]:  # deepcopy/pickle of the optimizer: no CUDA events, no stale list
-        return {**self.__dict__, "_cores": None, "_pending": []}
+        return {**self.__dict__, "_cores": None, "_buckets": None, "_tensors": None, "_pending": []}
 
     def forget_cores(self) -> None:
-        self._cores = None
+        self._cores = self._buckets = self._tensors = None
 
     def _core_list(self, param_groups) -> List[_Core]:
         if self._cores is None:
             self._cores = [_Core(p, group_of(p), names[i] if names else None)
                            for g in param_groups for names in [g.get("param_names")]
                            for i, p in enumerate(g["params"]) if group_of(p) is not None]
+            tensors = [_local(c.tensor) for c in self._cores]
+            if tensors and not one_bucket(tensors):
+                self._buckets = Buckets(tensors)
+            # plain tensors are the same objects every step: listed once (a DTensor's local shard is not)
+            sharded = any(_local(c.tensor) is not c.tensor for c in self._cores)
+            self._tensors = None if sharded else tensors
+            self._dtype = stat_dtype(tensors)
         return self._cores
 
     @torch.no_grad()
@@ -88,7 +99,8 @@ class DivergenceWatch:
             return
         self._read_done()
         deferred = _local(cores[0].tensor).device.type == "cuda"
-        norms = _norms(cores, math.inf if deferred else 2)
+        tensors = self._tensors if self._tensors is not None else [_local(c.tensor) for c in cores]
+        norms = _norms(tensors, math.inf if deferred else 2, self._buckets, self._dtype)
         if not deferred:
             self._report(cores, norms, self.steps, confirm=True)
             return
@@ -112,9 +124,9 @@ class DivergenceWatch:
     def _report(self, cores: List[_Core], norms: torch.Tensor, step: int, confirm: bool) -> None:
         """Warn if ``norms`` (of the cores after ``step``) flag a core; ``confirm``: 2-norms, which may have
         overflowed, of cores not changed since: look at the flagged cores' entries."""
-        finite = torch.isfinite(norms)
-        if bool(finite.all()):
+        if math.isfinite(float(norms.sum())):  # norms are >= 0: their sum is finite iff each is (or overflowed)
             return
+        finite = torch.isfinite(norms)
         bad = [cores[i] for i in (~finite).nonzero().flatten().tolist()]
         if confirm:
             bad = [c for c in bad if not bool(torch.isfinite(_local(c.tensor)).all())]
@@ -129,20 +141,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t  # a sharded core: this rank's shard
 
 
-def _norms(cores: List[_Core], order: float) -> torch.Tensor:
-    """The ``order``-norm of every core, as one vector (NaN/inf where a core holds NaN/inf)."""
-    tensors = [_local(c.tensor) for c in cores]
+def _norms(tensors: List[torch.Tensor], order: float, buckets: Optional[Buckets], dtype: torch.dtype) -> torch.Tensor:
+    """The ``order``-norm of every core (``tensors``: the cores, or their local shards), as one vector on the
+    first core's device (NaN/inf where a core holds NaN/inf), in ``dtype``; ``buckets``: the cores' (device,
+    dtype) plan when one launch does not cover them."""
     if order == math.inf and any(t.numel() == 0 for t in tensors):  # an empty shard: its max has no value
         tensors = [t if t.numel() else t.new_zeros(1) for t in tensors]
-    dtype = stat_dtype(tensors)
-    devices = {t.device for t in tensors}
-    if len(devices) == 1:
+    if buckets is None:
         return torch.stack(torch._foreach_norm(tensors, order, dtype=dtype))
-    out = torch.empty(len(tensors), dtype=dtype)  # a model spread over devices: one reduction per device
-    for device in devices:
-        index = [i for i, t in enumerate(tensors) if t.device == device]
-        out[index] = torch.stack(torch._foreach_norm([tensors[i] for i in index], order, dtype=dtype)).cpu()
-    return out
+    return buckets.norms([tensors], order, dtype)  # a model over devices or dtypes: one launch per bucket
 
 
 def _group_label(cores: List[_Core], token: Any, order: List[Any]) -> str:

@@ -12,6 +12,13 @@ dimension: one collective for plain FSDP2) before λ is computed; the rescale mu
 A core replicated on a mesh dimension the others are sharded on counts 1/size of its local sums there, so
 the sum stays exact. After ``fully_shard`` the parameters are new objects: call
 ``tnlayers.core_groups(model)`` (which re-marks the groups) before building the optimizer.
+
+Cores on several devices (a model placed with ``device_map``) or of several dtypes (float32 + bfloat16 +
+float64; complex): one norm launch per (device, dtype) bucket, as ``torch.optim``'s foreach path groups
+tensors; s and γ are gathered on the first core's device in float32 (float64 if any core is float64 or
+complex128), where the group means, the global normalization and λ are computed; each bucket gets its λ back
+for its own multiply (``buckets.Buckets``). A group may span devices. One device with one real dtype keeps
+the single launch above.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from ..groups import INDEX_ATTR, SIZE_ATTR, group_of
 from .._caller import user_stacklevel
 from ..types import Alpha, BaseOptimizer, Params
 from .alpha_schedule import alpha_at, check_schedule, split_alpha
+from .buckets import Buckets, one_bucket, rescale_
 from .norms import foreach_squared_norms, stat_dtype
 from .validation import check_non_negative
 from .wrapper import WrappedOptimizer
@@ -54,9 +62,10 @@ class CoreLayout:
         self.n_groups = len(numbers)
         self.param_group_list = param_group
         self.dtype = stat_dtype(cores)
-        device = cores[0].device
-        if any(c.device != device for c in cores):
-            raise ValueError("all cores handled by one optimizer must be on one device")
+        device = cores[0].device  # the home device: statistics and λ live here
+        # None: one device and one real dtype, the one-launch hot path; else one launch per (device, dtype)
+        self.buckets: Optional[Buckets] = None if one_bucket(cores) else Buckets(cores)
+        self._plain_rescale = self.buckets is None and cores[0].dtype in (torch.float32, torch.float64)
         self.segment = torch.tensor(segment, dtype=torch.long, device=device)
         self.counts = torch.bincount(self.segment, minlength=self.n_groups).to(self.dtype)
         self.param_group = torch.tensor(param_group, dtype=torch.long, device=device)
@@ -97,6 +106,21 @@ class CoreLayout:
             return self.cores
         return [c.to_local() for c in self.cores]
 
+    def rescale_(self, lambdas: torch.Tensor) -> None:
+        """G_k ← (1 + λ_k)·G_k in place (on each rank's shards when sharded); ``lambdas`` on the home device."""
+        if self._plain_rescale:
+            torch._foreach_mul_(self.local_cores(), list((1.0 + lambdas).unbind(0)))
+        elif self.buckets is None:
+            rescale_(self.local_cores(), lambdas)  # half/bfloat16 cores: multiplied in float32, rounded once
+        else:
+            self.buckets.rescale_(self.local_cores(), lambdas)
+
+    def _squared_norms(self, cores: List[torch.Tensor], grads: List[torch.Tensor]) -> torch.Tensor:
+        """The packed [s; γ] on the home device, in the statistics dtype."""
+        if self.buckets is None:
+            return foreach_squared_norms(cores + grads, self.dtype)
+        return self.buckets.norms([cores, grads], 2, self.dtype).square()
+
     def segment_sum(self, values: torch.Tensor) -> torch.Tensor:
         return torch.zeros(self.n_groups, dtype=values.dtype, device=values.device).index_add_(
             0, self.segment, values)
@@ -107,7 +131,7 @@ class CoreLayout:
     def stats(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(s, γ): squared norms of the cores and of their gradients (one multi-tensor reduction)."""
         if not self.sharded:
-            both = foreach_squared_norms(self.cores + [c.grad for c in self.cores], self.dtype)
+            both = self._squared_norms(self.cores, [c.grad for c in self.cores])
             return both[:len(self.cores)], both[len(self.cores):]
         return self._sharded_stats()
 
@@ -115,7 +139,7 @@ class CoreLayout:
         self.check_sharded_grads()
         grads = [c.grad for c in self.cores]
         with torch.no_grad():
-            both = foreach_squared_norms([t.to_local() for t in self.cores + grads], self.dtype)
+            both = self._squared_norms([t.to_local() for t in self.cores], [g.to_local() for g in grads])
         return self.all_reduce_stats(both)
 
     def all_reduce_stats(self, both: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -253,12 +277,16 @@ class CoreScalingOptimizer(WrappedOptimizer):
     def _lambdas(self, layout: CoreLayout, s: torch.Tensor, gamma: torch.Tensor, step_size) -> torch.Tensor:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def _rescale_cores(self) -> None:
-        self.last_lambdas = None
+    def _layout(self) -> Optional[CoreLayout]:
+        """The layout of the cores with a gradient now (None: none has one)."""
         if self._core_index is None:
             self._core_index = CoreIndex(self.param_groups)
-        layout = self._core_index.layout()
+        return self._core_index.layout()
+
+    @torch.no_grad()
+    def _rescale_cores(self, layout: Optional[CoreLayout] = None) -> None:
+        self.last_lambdas = None
+        layout = self._layout() if layout is None else layout
         if layout is None:
             return
         step_size = self._step_sizes(layout)
@@ -266,8 +294,9 @@ class CoreScalingOptimizer(WrappedOptimizer):
             return  # alpha or lr is 0: leave the cores bit-for-bit untouched, at no cost
         s, gamma = layout.stats()
         lambdas = self._lambdas(layout, s, gamma, step_size)
-        lambdas = torch.where(torch.isfinite(lambdas), lambdas, 0.0)
-        torch._foreach_mul_(layout.local_cores(), list((1.0 + lambdas).unbind(0)))
+        # one op instead of isfinite + where: the same values (finite λ kept bit for bit, the others zeroed)
+        lambdas = torch.nan_to_num(lambdas, nan=0.0, posinf=0.0, neginf=0.0)
+        layout.rescale_(lambdas)
         self.last_lambdas = (layout.cores, lambdas)
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -279,13 +308,14 @@ class CoreScalingOptimizer(WrappedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._fused_step():
-            self._rescale_cores()
+        layout = self._layout()  # looked up once a step: both paths use it
+        if not self._fused_step(layout):
+            self._rescale_cores(layout)
             self.base_optimizer.step()
         self.steps_taken += 1
         self._after_update()
         return loss
 
-    def _fused_step(self) -> bool:
+    def _fused_step(self, layout: Optional[CoreLayout]) -> bool:
         """Rescale and step in fused kernels where a subclass can; False: take the torch path."""
         return False

@@ -11,7 +11,7 @@ import torch
 
 from ..kernels import triton_available
 from ..types import Alpha, BaseOptimizer, Params
-from .core_scaling import CoreIndex, CoreLayout, CoreScalingOptimizer
+from .core_scaling import CoreLayout, CoreScalingOptimizer
 from .das_fused import FusedDASStep
 from .validation import check_choice
 
@@ -72,8 +72,9 @@ class DAS(CoreScalingOptimizer):
             implement, ``das_fused.FUSABLE``; other base optimizers, and SGD/Adam/AdamW with other options
             (one warning naming the option), get the rescale fused and their own step), on CUDA tensors or,
             for tests, CPU tensors under ``TRITON_INTERPRET=1``; it raises where the kernels cannot run
-            (another dtype, per-group learning rates or alphas over the cores); ``"auto"``: triton for CUDA
-            cores when triton is installed and the kernels can run, else torch, silently.
+            (another dtype, cores over several devices or dtypes, per-group learning rates or alphas over the
+            cores); ``"auto"``: triton for CUDA cores when triton is installed and the kernels can run, else
+            torch, silently.
         max_scale: the factor 1 + λ_k of one step is kept within [1/max_scale, max_scale] (default 1e4), so
             a core whose norm is tiny next to its gradient cannot jump by ten orders of magnitude, and no
             core is zeroed or flips sign (1 + λ ≤ 0), in one step. The default is not active at the paper's
@@ -84,6 +85,12 @@ class DAS(CoreScalingOptimizer):
     is not rescaled; nothing non-finite is ever written into a core. A core without a gradient this step
     is neither rescaled nor counted. Under ``torch.amp.GradScaler``, a step it skips is not taken at all,
     so the cores are not rescaled either. The λ applied last are in ``last_lambdas`` (cores, vector).
+
+    Devices and dtypes: cores may be spread over devices (a model placed with ``device_map``, a group split
+    between devices included) and be of several dtypes (float32, bfloat16, float64, complex) in one optimizer,
+    as ``torch.optim`` allows: one norm reduction per (device, dtype), s and γ gathered on the first core's
+    device in float32 (float64 if any core is float64 or complex128), λ sent back to each device; complex cores
+    count |z|². Such cores take the torch path (``"auto"``); the Triton kernels need one device and one dtype.
 
     Distributed: under ``DistributedDataParallel`` the gradients are averaged before the step, so every
     rank computes the same λ. Sharded cores (FSDP2 ``fully_shard``: DTensors) are reduced shard by shard
@@ -122,17 +129,18 @@ class DAS(CoreScalingOptimizer):
 
     def _lambdas(self, layout: CoreLayout, s: torch.Tensor, gamma: torch.Tensor, step_size) -> torch.Tensor:
         group_sum = layout.segment_sum(gamma)
-        group_ok = torch.isfinite(group_sum) & (group_sum > 0)
         if self.normalization == "global":
-            # Only groups with usable gradients count, so one overflowing layer cannot zero every λ.
-            u = torch.where(group_ok, group_sum, 0.0).sum().rsqrt()
+            # Only groups with finite gradients count, so one overflowing layer cannot zero every λ.
+            u = torch.nan_to_num(group_sum, nan=0.0, posinf=0.0).sum().rsqrt()
         else:
             u = group_sum.rsqrt()[layout.segment]
         gamma_mean = (group_sum / layout.counts)[layout.segment]
         denominator = s if self.denominator == "squared" else s.sqrt()
         lambdas = step_size * u * (gamma - gamma_mean) / denominator
-        # Non-finite λ (from a non-finite s_k) are zeroed by the caller (clamp keeps NaN a NaN).
-        return self._bounded(torch.where(group_ok[layout.segment] & (s > 0), lambdas, 0.0))
+        # λ = 0 where it is not finite, before the clamp (which would turn ±inf into a bound): a group whose
+        # gradients overflowed (γ̄ inf/NaN), one without gradient (0·inf or 0/0), a core of norm 0 (x/0) or inf.
+        # Fewer ops than masking each case (this runs every step; on the CPU each op costs microseconds).
+        return self._bounded(torch.nan_to_num(lambdas, nan=0.0, posinf=0.0, neginf=0.0))
 
     def _bounded(self, lambdas: torch.Tensor) -> torch.Tensor:
         """λ with 1 + λ within [1/max_scale, max_scale]; values inside are returned bit for bit."""
@@ -140,18 +148,15 @@ class DAS(CoreScalingOptimizer):
             return lambdas
         return lambdas.clamp(1.0 / self.max_scale - 1.0, self.max_scale - 1.0)
 
-    def _fused_step(self) -> bool:
-        if self.backend == "torch":
-            return False
-        if self._core_index is None:
-            self._core_index = CoreIndex(self.param_groups)
-        layout = self._core_index.layout()
-        if layout is None:
+    def _fused_step(self, layout: Optional[CoreLayout]) -> bool:
+        if self.backend == "torch" or layout is None:
             return False
         if layout.sharded:
             return self._fused_sharded_step(layout)
-        if self.backend == "auto" and layout.cores[0].device.type != "cuda":
-            return False  # "auto" fuses CUDA cores only: skip the per-tensor checks (~50 us a step on CPU)
+        if self.backend == "auto" and (layout.cores[0].device.type != "cuda" or layout.buckets is not None):
+            # "auto" fuses CUDA cores of one device and one dtype only: skip the per-tensor checks (~50 us a
+            # step on CPU); cores over several devices or dtypes take the torch path's per-bucket reduction
+            return False
         reason = FusedDASStep.unsupported(layout.cores, [c.grad for c in layout.cores], self.backend == "triton")
         if reason is not None:
             if self.backend == "triton":

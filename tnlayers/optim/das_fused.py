@@ -128,6 +128,9 @@ class FusedDASStep:
         dtypes = {t.dtype for t in tensors}
         if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.bfloat16, torch.float16):
             return f"cores and gradients of one dtype among float32/bfloat16/float16 (got {sorted(map(str, dtypes))})"
+        devices = {t.device for t in tensors}
+        if len(devices) != 1:
+            return f"cores and gradients on one device (got {sorted(map(str, devices))})"
         if not all(t.is_contiguous() for t in tensors):
             return "contiguous cores and gradients"
         if sum(t.numel() for t in cores) == 0:

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..groups import core_groups
-from .norms import foreach_squared_norms, stat_dtype
+from .buckets import squared_norms, to_device
+from .norms import stat_dtype
 
 __all__ = ["NormDynamics"]
 
@@ -59,12 +60,12 @@ class NormDynamics:
             return {}
         cores = [c for _, cs in groups for c in cs]
         dtype = stat_dtype(cores)
-        s = foreach_squared_norms(cores, dtype)
+        s = squared_norms(cores, dtype)  # on the first core's device, wherever (and of whatever dtype) the cores are
         with_grad = [c for c in cores if c.grad is not None]
         gamma = torch.full_like(s, float("nan"))
         if with_grad:
             positions = torch.tensor([i for i, c in enumerate(cores) if c.grad is not None], device=s.device)
-            gamma[positions] = foreach_squared_norms([c.grad for c in with_grad], dtype)
+            gamma[positions] = to_device(squared_norms([c.grad for c in with_grad], dtype), s.device)
         lambdas = self._applied_lambdas(cores, s)
 
         rows = []

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..types import BaseOptimizer, Params
 from .validation import check_non_negative
-from .hessian import dot
+from .buckets import dot, foreach_mul, foreach_mul_
 from .sam import SAM
 
 __all__ = ["GSAM"]
@@ -57,14 +57,14 @@ class GSAM(SAM):
     """
 
     def __init__(self, params: Optional[Params], base_optimizer: BaseOptimizer, rho: float = 0.05,
-                 alpha: float = 0.1, adaptive: bool = False, eps: float = 1e-12, sync_first_pass: bool = True,
-                 model: Optional[nn.Module] = None, **base_kwargs: Any):
+                 alpha: float = 0.1, adaptive: bool = False, perturb_eps: float = 1e-12,
+                 sync_first_pass: bool = True, model: Optional[nn.Module] = None, **base_kwargs: Any):
         self.alpha = check_non_negative("alpha", alpha)
         if sync_first_pass is False:
             raise ValueError("sync_first_pass=False is not supported by GSAM: its update uses the first-pass "
                              "gradient, which must then be the same on every rank")
         self._first_grads = None
-        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eps=eps,
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, perturb_eps=perturb_eps,
                          sync_first_pass=sync_first_pass, model=model, **base_kwargs)
 
     @torch.no_grad()
@@ -101,5 +101,6 @@ class GSAM(SAM):
         squared = dot(grads, grads)
         ratio = dot(firsts, grads) / squared
         usable = torch.isfinite(ratio) & (squared > 0)
-        torch._foreach_mul_(grads, torch.where(usable, 1.0 + self.alpha * ratio, 1.0))
-        torch._foreach_add_(grads, torch._foreach_mul(firsts, usable.to(ratio.dtype) * -self.alpha))
+        # the scalars live on the first gradient's device: foreach_mul(_) copies them once to each other one
+        foreach_mul_(grads, torch.where(usable, 1.0 + self.alpha * ratio, 1.0))
+        torch._foreach_add_(grads, foreach_mul(firsts, usable.to(ratio.dtype) * -self.alpha))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .batchnorm import disable_running_stats
-from .norms import stat_dtype
+from .buckets import dot, global_norm, to_device
 
 __all__ = ["HessianOperator", "Eigenpair", "power_iteration", "top_eigenvector", "max_hessian_eigenvalue"]
 
@@ -43,20 +43,6 @@ def check_positive_int(name: str, value) -> int:
     if value < 1:
         raise ValueError(f"{name} must be a positive int (>= 1), got {value}")
     return value
-
-
-def dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Σ_i <x_i, y_i> over a list of tensor pairs, accumulated in float32 (float64 if any input is)."""
-    dtype = stat_dtype(list(xs) + list(ys))
-    if not xs:
-        return torch.zeros((), dtype=dtype)
-    return torch.stack([torch.vdot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(xs, ys)]).sum()
-
-
-def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """||(t_1, ..., t_n)||_2 over all entries of all tensors."""
-    tensors = list(tensors)
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=stat_dtype(tensors))))
 
 
 def mean_over_ranks(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -122,7 +108,16 @@ def random_unit_vector(params: Sequence[torch.Tensor], seed: int = 0) -> List[to
     """A reproducible random direction of unit norm over all of ``params`` (drawn on the CPU, then moved)."""
     generator = torch.Generator().manual_seed(seed)
     vector = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
-    return torch._foreach_div(vector, global_norm(vector).to(vector[0].dtype))
+    return _divided(vector, global_norm(vector))
+
+
+def _divided(vector: List[torch.Tensor], norm: torch.Tensor) -> List[torch.Tensor]:
+    """Each tensor divided by the 0-d ``norm`` (cast to its dtype, copied once to each of its devices)."""
+    on = {}
+    for v in vector:
+        if (v.device, v.dtype) not in on:
+            on[v.device, v.dtype] = to_device(norm, v.device).to(v.dtype)
+    return [v / on[v.device, v.dtype] for v in vector]
 
 
 def _power_iterate(hvp: HessianOperator, vector: List[torch.Tensor]):
@@ -133,7 +128,11 @@ def _power_iterate(hvp: HessianOperator, vector: List[torch.Tensor]):
     norm = global_norm(product)
     usable = torch.isfinite(norm) & (norm > 0)
     scale = torch.where(usable, 1.0 / norm, 0.0)
-    nxt = [torch.where(usable, h * scale.to(h.dtype), v) for h, v in zip(product, vector)]
+    on = {}  # (usable, scale) copied once to each device the parameters are on
+    for h in product:
+        if h.device not in on:
+            on[h.device] = (to_device(usable, h.device), to_device(scale, h.device))
+    nxt = [torch.where(on[h.device][0], h * on[h.device][1].to(h.dtype), v) for h, v in zip(product, vector)]
     return value, nxt
 
 
@@ -142,9 +141,7 @@ def power_iteration(hvp: HessianOperator, init: Sequence[torch.Tensor], iters: i
     0-dim tensor, unit eigenvector as a list). No host synchronization; the eigenvalue is the Rayleigh
     quotient of the last vector multiplied, the one of largest magnitude |λ| (signed)."""
     check_positive_int("iters", iters)
-    vector = list(init)
-    norm = global_norm(vector)
-    vector = [v / norm.to(v.dtype) for v in vector]
+    vector = _divided(list(init), global_norm(init))
     value = None
     for _ in range(iters):
         value, vector = _power_iterate(hvp, vector)

@@ -8,10 +8,13 @@ import torch
 
 __all__ = ["stat_dtype", "foreach_squared_norms"]
 
+_DOUBLE = (torch.float64, torch.complex128)
+
 
 def stat_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
-    """float64 when any tensor is float64 (keeps float64 checks exact), else float32 (half/bf16 cores too)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    """float64 when any tensor is float64 or complex128 (keeps float64 checks exact), else float32 (half/bf16
+    cores too; complex64 ones have float32 norms)."""
+    return torch.float64 if any(t.dtype in _DOUBLE for t in tensors) else torch.float32
 
 
 def foreach_squared_norms(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

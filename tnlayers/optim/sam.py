@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..types import BaseOptimizer, Params
-from .norms import stat_dtype
+from .buckets import foreach_mul, foreach_mul_, global_norm, one_bucket
 from .validation import check_non_negative
 from .wrapper import WrappedOptimizer
 
@@ -24,7 +24,8 @@ class SAM(WrappedOptimizer):
 
     One step: g = ∇f(w); w̃ = w + ρ·g/||g|| (``adaptive=True``: w̃ = w + ρ·|w|²g/|| |w|g ||, ASAM);
     g̃ = ∇f(w̃); restore w; base step with g̃. ||·|| runs over all parameters of the optimizer; ρ and
-    ``adaptive`` may be set per param group.
+    ``adaptive`` may be set per param group. Parameters may be spread over devices and dtypes (complex ones
+    count |z|²), as ``torch.optim`` allows: one norm per (device, dtype), summed on the first parameter's device.
 
     Two ways to drive it:
 
@@ -46,6 +47,8 @@ class SAM(WrappedOptimizer):
     overflow (without a scaler, the base step then sees a NaN gradient, as a plain optimizer would).
 
     The perturbation lives only between ``first_step`` and ``second_step`` and is never in ``state_dict``.
+    ``perturb_eps`` guards the division by ||g|| (davda54/sam's fixed 1e-12); every keyword that is not SAM's
+    own goes to the base optimizer, so ``eps=`` is Adam's ``eps``, as in davda54/sam.
 
     DDP: under ``DistributedDataParallel`` both backward passes average the gradients over the ranks, so
     every rank takes the same perturbation and SAM equals single-process SAM on the global batch (the
@@ -80,7 +83,7 @@ class SAM(WrappedOptimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params: Optional[Params], base_optimizer: BaseOptimizer, rho: float = 0.05,
-                 adaptive: bool = False, eps: float = 1e-12, sync_first_pass: bool = True,
+                 adaptive: bool = False, perturb_eps: float = 1e-12, sync_first_pass: bool = True,
                  model: Optional[nn.Module] = None, **base_kwargs: Any):
         rho = check_non_negative("rho", rho)
         if not isinstance(sync_first_pass, bool):
@@ -92,7 +95,7 @@ class SAM(WrappedOptimizer):
             raise ValueError("model= is only used with sync_first_pass=False (the default synchronizes both passes)")
         self.sync_first_pass = sync_first_pass
         self._sync_model = None if sync_first_pass else model
-        self.eps = check_non_negative("eps", eps)
+        self.perturb_eps = check_non_negative("perturb_eps", perturb_eps)
         self._perturbed: Optional[List[torch.Tensor]] = None
         self._saved: Optional[List[torch.Tensor]] = None
         self._first_pass_finite: Optional[torch.Tensor] = None
@@ -121,19 +124,19 @@ class SAM(WrappedOptimizer):
             grads = [p.grad for p in ps]
             scaled.append(torch._foreach_mul(grads, torch._foreach_abs(ps)) if group["adaptive"] else grads)
         flat = [t for ts in scaled for t in ts]
-        grad_norm = torch.linalg.vector_norm(
-            torch.stack(torch._foreach_norm(flat, 2, dtype=stat_dtype(flat))))
+        one = one_bucket(flat)  # else over devices and dtypes: one norm per bucket, summed on params[0]'s device
+        grad_norm = global_norm(flat, one)
         self._first_pass_finite = torch.isfinite(grad_norm)
 
         saved = [p.detach().clone() for p in params]
         for group, ps, ts in zip(self.param_groups, per_group, scaled):
             if not ps:
                 continue
-            scale = group["rho"] / (grad_norm + self.eps)
+            scale = group["rho"] / (grad_norm + self.perturb_eps)
             # A non-finite gradient gives no perturbation rather than writing inf/NaN into the weights:
             # the scale is 0 then, and the entries 0·inf = NaN are zeroed (no host read needed to decide).
             scale = torch.where(self._first_pass_finite, scale, torch.zeros_like(scale))
-            perturbation = torch._foreach_mul(ts, scale)
+            perturbation = torch._foreach_mul(ts, scale) if one else foreach_mul(ts, scale)
             if group["adaptive"]:
                 torch._foreach_mul_(perturbation, torch._foreach_abs(ps))
             for e in perturbation:
@@ -196,7 +199,7 @@ class SAM(WrappedOptimizer):
         if grad_scale is not None:  # the scaler left the gradients scaled (no unscale_ before step)
             inv_scale = grad_scale.double().reciprocal().float()
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            torch._foreach_mul_(grads, inv_scale.to(grads[0].device))
+            foreach_mul_(grads, inv_scale)
         return False
 
     @torch.no_grad()

@@ -15,7 +15,7 @@ from ._divergence import DivergenceWatch
 from ..groups import mark_peft_groups
 from .state_dict import EXTRA_STATE_KEY, KIND_KEY, check_state_dict
 from ..types import BaseOptimizer, Params
-from .validation import check_base_compatible, check_not_meta, resolve_base_optimizer
+from .validation import check_base_compatible, check_base_kwargs, check_not_meta, resolve_base_optimizer
 
 __all__ = ["WrappedOptimizer"]
 
@@ -69,6 +69,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         else:
             if params is None:
                 raise TypeError("params is required when base_optimizer is an optimizer class")
+            check_base_kwargs(type(self), base_class, base_kwargs)
             super().__init__(params, self._wrapper_defaults)
             check_not_meta(type(self).__name__, [p for g in self.param_groups for p in g["params"]])
             self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)

@@ -13,7 +13,8 @@ from torch import nn
 
 from ..types import BaseOptimizer, Params
 from .validation import check_non_negative
-from .hessian import HessianOperator, check_positive_int, dot, power_iteration, random_unit_vector
+from .buckets import dot, foreach_mul
+from .hessian import HessianOperator, check_positive_int, power_iteration, random_unit_vector
 from .sam import SAM
 
 __all__ = ["XSAM"]
@@ -92,7 +93,7 @@ class XSAM(SAM):
     """
 
     def __init__(self, params: Optional[Params], base_optimizer: BaseOptimizer, rho: float = 0.05, xi: float = 0.5,
-                 eig_every: int = 10, eig_iters: int = 5, adaptive: bool = False, eps: float = 1e-12,
+                 eig_every: int = 10, eig_iters: int = 5, adaptive: bool = False, perturb_eps: float = 1e-12,
                  sync_first_pass: bool = True, model: Optional[nn.Module] = None, **base_kwargs: Any):
         self.xi = check_non_negative("xi", xi)
         self.eig_every = check_positive_int("eig_every", eig_every)
@@ -102,7 +103,7 @@ class XSAM(SAM):
         self._steps = 0
         self._updated_at = -1
         self._first_dot: Optional[torch.Tensor] = None
-        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, eps=eps,
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, perturb_eps=perturb_eps,
                          sync_first_pass=sync_first_pass, model=model, **base_kwargs)
 
     def _params(self) -> List[torch.Tensor]:
@@ -184,7 +185,7 @@ class XSAM(SAM):
         along = dot(grads, vector)
         apply = (self._first_dot.to(along) * along >= 0) & torch.isfinite(along)
         coefficient = torch.where(apply, self.xi * along, 0.0)
-        torch._foreach_add_(grads, torch._foreach_mul(vector, coefficient))
+        torch._foreach_add_(grads, foreach_mul(vector, coefficient))
 
     def step(self, closure: Optional[Callable[[], Any]] = None,
              loss_fn: Optional[Callable[[], torch.Tensor]] = None) -> Any:
