@@ -8,9 +8,9 @@ Grid: {dense, TT, TR, CP, Tucker} x lr {the dense recipe's lr, 2x it} x {with, w
 on (a) a small CNN (three 3x3 convs + ReLU (+ BatchNorm), dense head) and (b) the CIFAR ResNet-20 of
 ``tnlayers.models`` (its BatchNorms replaced by ``nn.Identity`` for the no-BatchNorm variant), tensorized
 with ``tnlayers.tensorize(model, format=..., rank=8)`` (the classifier stays dense).
-Data: scikit-learn's bundled 8x8 digits (``tnlayers.cli._digits``: 1437 train / 360 test, no download).
-Recipe: SGD, momentum 0.9, weight decay 5e-4, batch 32, cosine schedule (``tnlayers.cli._make_optimizer``,
-the demo's recipe). Every run is also repeated at 0.5x the dense lr; the *tuned* lr of a model/format (per
+Data: scikit-learn's bundled 8x8 digits (``tnlayers.digits.digits``: 1437 train / 360 test, no download).
+Recipe: SGD, momentum 0.9, weight decay 5e-4, batch 32, cosine schedule (the recipe of the demo when this grid
+was run). Every run is also repeated at 0.5x the dense lr; the *tuned* lr of a model/format (per
 BatchNorm variant) is the one of {0.5, 1, 2}x with the best mean test accuracy.
 
 A run *diverges* when a loss or a parameter becomes non-finite, or a step's loss exceeds 10x the first step's
@@ -50,7 +50,7 @@ from _machine import cpu_name  # noqa: E402
 from _output import default_out  # noqa: E402
 
 import tnlayers  # noqa: E402
-from tnlayers.cli import _digits, _make_optimizer  # noqa: E402
+from tnlayers.digits import digits  # noqa: E402
 
 FORMATS = ("tt", "tr", "cp", "tucker")
 LR_MULTS = (0.5, 1.0, 2.0)  # 1 and 2: the acceptance grid; 0.5 only for the tuned-lr sweep
@@ -104,7 +104,7 @@ def train_one(arch, fmt, bn, lr, seed, args, data, remedy=None) -> dict:
     if remedy == "param_groups":
         from tnlayers.lr import param_groups
         params = param_groups(model, lr=lr)
-    opt = _make_optimizer("SGD", params, lr)
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
     steps = args.steps[arch]
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(1000 + seed)
@@ -146,7 +146,7 @@ def mean_std(values):
 
 
 def run_grid(args) -> dict:
-    data = _digits(0)
+    data = digits(0)
     plain = [(fmt, None) for fmt in ("dense",) + tuple(args.formats)]
     runs = {}  # key "arch|fmt|remedy|bn|mult" -> list of per-seed results
     total = sum(len(plain) * 3 + len(args.formats) * 2 * (arch in args.remedy) for arch in args.archs) * 2 * args.seeds
@@ -314,7 +314,7 @@ def digits_gradient(layer, seed):
     """dL/dW of a real loss: cross-entropy on a batch of 32 digits through conv(3->64) -> ReLU -> ``layer`` ->
     ReLU -> flatten -> Linear (the tensorized layer at init, the rest nn's default init)."""
     torch.manual_seed(seed)
-    (x, y), _ = _digits(0)
+    (x, y), _ = digits(0)
     idx = torch.randint(len(y), (32,), generator=torch.Generator().manual_seed(seed))
     stem, head = nn.Conv2d(3, 64, 3, padding=1), nn.Linear(64 * 64, 10)
     weight = layer.weight.detach().clone().requires_grad_()

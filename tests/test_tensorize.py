@@ -276,6 +276,19 @@ def test_progress_bar_only_when_asked(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_progress_bar_advances_by_layer_cost(capsys):
+    """A 1x1 conv on 3 channels then a 64->64 3x3 conv: the first is a sliver of the work, so the bar must
+    stand near 0% after it (one tick per layer would say 50%), and at 100% with both counted at the end."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 64, 1), nn.Conv2d(64, 64, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the 1x1 conv's factors outnumber its weight
+        tensorize(model, format="cp", rank={"0": 2, "2": 8}, filter=["0", "2"], init="decompose", progress=True)
+    states = [s for s in capsys.readouterr().err.split("\r") if "layers" in s]
+    first = next(s for s in states if "1/2 layers" in s)
+    assert int(first.split("%")[0].split()[-1]) < 5, first
+    assert "100%" in states[-1] and "2/2 layers" in states[-1], states[-1]
+
+
 def test_decomposition_options_reach_the_decomposition():
     model = tensorize(Net(), format="cp", rank=2, filter=["stem"], init="decompose",
                       decomposition_options={"n_iter_max": 1})

@@ -20,6 +20,7 @@ from torch import nn
 
 from ._caller import warn_user
 from .conversion_plan import TYPE_MAP, LayerPlan, dense_type, layer_class, plan_layers
+from .decompose import decompose_cost
 from .layers import TensorizedConv2d, TensorizedLinear
 from .layers.base import check_decomposition_options, check_tensor_values
 from .layers.tensorized import TensorizedLayer
@@ -32,6 +33,8 @@ from .compression_report import Summary, summary
 __all__ = ["tensorize", "summary", "to_dense", "TYPE_MAP", "Summary"]
 
 INITS = ("random", "decompose")
+_LAYER_OVERHEAD = 2 * 10 ** 6  # multiply-adds' worth of the fixed per-layer work (checks, error, Python)
+_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
 
 
 def _conv_args(m) -> dict:
@@ -127,15 +130,17 @@ def tensorize(model: nn.Module, format: FormatSpec = "tt", rank: Optional[LayerR
             weight (so nn's default, a fan-out He init or a custom init keep their scale; nn's default for
             the fan-in when the weight is on the meta device or has no spread), and the module's bias kept
             as it is; or "decompose": each layer from the module's current weight (TT-SVD, TR-SVD, CP-ALS,
-            HOOI); the relative error is kept as ``layer.decomposition_error``.
+            HOSVD + HOOI: ``tnlayers.decompositions``); the relative error is kept as ``layer.decomposition_error``.
             This is also how a dense checkpoint goes into a tensorized model: load it into the dense
             model, then ``tensorize(..., init="decompose")``.
         shapes: per-layer ``{"in_shape": ..., "out_shape": ...}`` overrides (mapping or callable);
             default automatic (the paper's Table 8 shapes for CIFAR ResNets).
         strategy: "auto" | "flops" | "dense" | "factorized", for every new layer (``tnlayers.strategy``).
         inplace: False deep-copies the model first.
-        progress: progress bar over layers for init="decompose"; default: when stderr is a terminal.
-        decomposition_options: passed to each decomposition (e.g. ``{"n_iter_max": 200}`` for CP-ALS).
+        progress: progress bar over layers for init="decompose" (advancing by each layer's estimated
+            cost); default: when stderr is a terminal.
+        decomposition_options: passed to each decomposition (``{"n_iter_max": 200, "tol": 0}`` for CP-ALS
+            or HOOI; ``random_state`` for CP-ALS's random start columns).
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs for one dry
             forward (eval mode, no grad) that finds the classifier the default selection keeps dense.
 
@@ -200,11 +205,17 @@ def tensorize(model: nn.Module, format: FormatSpec = "tt", rank: Optional[LayerR
         from tqdm.auto import tqdm  # only when decomposing: keeps `import tnlayers` light
 
         options = dict(decomposition_options or {})
-        with tqdm(unique.items(), desc="tensorize", unit="layer", disable=not show) as bar:
-            for key, (name, plan) in bar:
+        # the bar advances by each layer's estimated cost, not by one per layer: a 512x512x3x3 conv takes
+        # ~1000x a 64x64x1x1 one, and a per-layer count would make the remaining time meaningless
+        costs = {key: decompose_cost(built[key].network, **options) + _LAYER_OVERHEAD for key in unique}
+        with tqdm(total=sum(costs.values()), desc="tensorize", disable=not show, bar_format=_BAR) as bar:
+            for done, (key, (name, plan)) in enumerate(unique.items(), 1):
                 layer = built[key]
+                bar.set_postfix_str(f"{done - 1}/{len(unique)} layers, decomposing {name}")
                 layer.init_from_weight(plan.module.weight, plan.module.bias, **options)
-                bar.set_postfix_str(f"{name} err={layer.decomposition_error:.3g}")
+                bar.set_postfix_str(f"{done}/{len(unique)} layers, {name} err={layer.decomposition_error:.3g}",
+                                    refresh=False)
+                bar.update(costs[key])
     if "" in layers:  # the model itself is a Conv2d/Linear: it is replaced, not walked into
         return layers[""]
     if not inplace:

@@ -1,6 +1,7 @@
 """Tensor formats as data: each module says which labels its cores carry (``network``), how a layer's
 rank maps onto its modes (``layer_rank``), which bonds are larger than useful (``excess``), and how to
-decompose a dense array into it (``decompose``, tensorly on float64 numpy arrays).
+decompose a dense tensor into it (``decompose``, with the routines of ``tnlayers.decompositions``; its cost in
+multiply-adds, ``decompose_cost``).
 
 :data:`FORMATS` maps each format's name to its module:
 

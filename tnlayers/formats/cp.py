@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from math import prod
 
-import numpy as np
+import torch
+
+from ..decompositions.alternating_least_squares import cp_als, cp_als_cost
+from ..decompositions.options import check_n_iter_max
+from ..decompositions.result import Decomposition
 
 from ._rank import rank_list
 from .network import Network, check_modes, mode_label
@@ -31,17 +35,14 @@ def excess(net: Network):
     return [f"rank {net.sizes['r']} > {cap}"] if net.sizes["r"] > cap else []
 
 
-def decompose(array: np.ndarray, net: Network, n_iter_max: int = 1000, tol: float = 1e-12, random_state=0,
-              linesearch: bool = True, **_):
-    """CP-ALS (tensorly). ALS finds a good, not the best, rank-R fit; the weights are spread evenly
-    over the factors (sign kept on the first)."""
-    from tensorly.decomposition import parafac
+def decompose(tensor: torch.Tensor, net: Network, n_iter_max: int = 100, tol: float = 1e-6, random_state: int = 0,
+              **_) -> Decomposition:
+    """CP-ALS (``tnlayers.decompositions.cp_als``): at most ``n_iter_max`` iterations, fewer once one lowers
+    the relative error by less than ``tol``; ``random_state`` seeds the start columns beyond a mode's size.
+    ALS finds a good, not the best, rank-R fit; the weights are spread evenly over the factors."""
+    return cp_als(tensor, net.sizes["r"], n_iter_max=n_iter_max, tol=tol, seed=random_state)
 
-    r = net.sizes["r"]
-    init = "svd" if r <= min(net.modes) else "random"
-    weights, factors = parafac(array, rank=r, init=init, n_iter_max=n_iter_max, tol=tol,
-                               random_state=random_state, normalize_factors=True, linesearch=linesearch)
-    spread = np.abs(weights) ** (1.0 / len(factors))
-    factors = [f * spread for f in factors]
-    factors[0] = factors[0] * np.sign(weights + (weights == 0))
-    return factors
+
+def decompose_cost(net: Network, n_iter_max: int = 100, **_) -> int:
+    """Multiply-adds of ``decompose`` with all ``n_iter_max`` iterations, roughly (for progress reporting)."""
+    return cp_als_cost(net.modes, net.sizes["r"], check_n_iter_max(n_iter_max))

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from math import isqrt, prod
 
-import numpy as np
+import torch
+
+from ..decompositions.result import Decomposition
+from ..decompositions.tensor_train import tr_svd, tr_svd_cost
 
 from ._rank import rank_list
 from .network import Network, check_modes, mode_label
@@ -40,15 +43,22 @@ def excess(net: Network):
     return msgs
 
 
-def decompose(array: np.ndarray, net: Network, **_):
-    """TR-SVD (tensorly). The first unfolding fixes r_0 * r_1 <= n_1; we split that budget as evenly as
+def _svd_ranks(net: Network):
+    """The ranks TR-SVD runs with: the first unfolding fixes r_0 * r_1 <= n_1; we split that budget as evenly as
     the asked ranks allow (r_0 = 1 would degrade the ring to a train)."""
-    from tensorly.decomposition import tensor_ring
-
     d = len(net.modes)
     asked = [net.sizes[f"r{k}"] for k in range(d)]
     budget = min(net.modes[0], prod(net.modes[1:]))
     r0 = max(q for q in range(1, min(asked[0], isqrt(budget)) + 1) if budget % q == 0)
-    r1 = min(asked[1], budget // r0)
-    ranks = [r0, r1] + asked[2:] + [r0]
-    return list(tensor_ring(array, rank=ranks).factors)
+    return [r0, min(asked[1], budget // r0)] + asked[2:]
+
+
+def decompose(tensor: torch.Tensor, net: Network, **_) -> Decomposition:
+    """TR-SVD (``tnlayers.decompositions.tr_svd``), r_0 * r_1 split as ``_svd_ranks`` says; bonds may come back
+    smaller than asked, and are padded afterwards."""
+    return tr_svd(tensor, _svd_ranks(net))
+
+
+def decompose_cost(net: Network, **_) -> int:
+    """Multiply-adds of ``decompose``, roughly (for progress reporting)."""
+    return tr_svd_cost(net.modes, _svd_ranks(net))

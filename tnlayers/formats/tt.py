@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from math import prod
 
-import numpy as np
+import torch
+
+from ..decompositions.result import Decomposition
+from ..decompositions.tensor_train import tt_svd, tt_svd_cost
 
 from ._rank import check_int_rank, rank_list
 from .network import Network, check_modes, mode_label
@@ -43,12 +46,15 @@ def excess(net: Network):
     return msgs
 
 
-def decompose(array: np.ndarray, net: Network, **_):
-    """TT-SVD (tensorly); bonds may come back smaller than asked (the unfolding's rank)."""
-    from tensorly.decomposition import tensor_train
-
+def decompose(tensor: torch.Tensor, net: Network, **_) -> Decomposition:
+    """TT-SVD (``tnlayers.decompositions.tt_svd``); bonds may come back smaller than asked (the unfolding's
+    rank). ``spectra["r<k>"]``: the singular values of the k-th sequential unfolding."""
     d = len(net.modes)
-    ranks = [1] + [net.sizes[f"r{k}"] for k in range(1, d)] + [1]
-    factors = list(tensor_train(array, rank=ranks).factors)
-    factors[0], factors[-1] = factors[0][0], factors[-1][..., 0]
-    return factors
+    out = tt_svd(tensor, [net.sizes[f"r{k}"] for k in range(1, d)])
+    out.cores[0], out.cores[-1] = out.cores[0][0], out.cores[-1][..., 0]
+    return out
+
+
+def decompose_cost(net: Network, **_) -> int:
+    """Multiply-adds of ``decompose``, roughly (for progress reporting)."""
+    return tt_svd_cost(net.modes, [net.sizes[f"r{k}"] for k in range(1, len(net.modes))])

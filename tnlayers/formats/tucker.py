@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from math import prod
 
-import numpy as np
+import torch
+
+from ..decompositions.options import check_n_iter_max
+from ..decompositions.result import Decomposition
+from ..decompositions.tucker_hooi import hooi, hooi_cost
 
 from ._rank import rank_list
 from .network import Network, check_modes, mode_label
@@ -60,14 +64,13 @@ def excess(net: Network):
     return msgs
 
 
-def decompose(array: np.ndarray, net: Network, n_iter_max: int = 100, **_):
-    """HOOI over the factored modes (tensorly's partial_tucker); ranks above a mode's size are capped
-    there and padded afterwards."""
-    from tensorly.decomposition import partial_tucker
+def decompose(tensor: torch.Tensor, net: Network, n_iter_max: int = 10, tol: float = 1e-4, **_) -> Decomposition:
+    """HOSVD then HOOI sweeps over the factored modes (``tnlayers.decompositions.hooi``): at most
+    ``n_iter_max`` sweeps, fewer once a sweep lowers the relative error by less than ``tol``. Ranks above what
+    the shape can fill come back smaller and are padded afterwards."""
+    return hooi(tensor, [net.sizes.get(f"r{i}") for i in range(len(net.modes))], n_iter_max=n_iter_max, tol=tol)
 
-    modes = [i for i in range(len(net.modes)) if f"r{i}" in net.sizes]
-    core = [min(net.sizes.get(f"r{i}", n), n) for i, n in enumerate(net.modes)]
-    # a mode's rank is also bounded by the rank of its unfolding: the product of the core's other sizes
-    ranks = [min(core[i], prod(core) // core[i]) for i in modes]
-    (core, factors), _ = partial_tucker(array, rank=ranks, modes=modes, n_iter_max=n_iter_max, tol=1e-12)
-    return [core, *factors]
+
+def decompose_cost(net: Network, n_iter_max: int = 10, **_) -> int:
+    """Multiply-adds of ``decompose`` with all ``n_iter_max`` sweeps, roughly (for progress reporting)."""
+    return hooi_cost(net.modes, [net.sizes.get(f"r{i}") for i in range(len(net.modes))], check_n_iter_max(n_iter_max))

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .._caller import warn_user
+from ..decompositions.options import check_n_iter_max, check_tol
 from ..formats import FORMATS
 from ..formats.network import Network
 from ..groups import group_of, mark_core_group
@@ -94,10 +95,19 @@ def check_decomposition_options(options, name: str = "decomposition options") ->
     allowed = {"seed"}
     for module in FORMATS.values():
         params = inspect.signature(module.decompose).parameters.values()
-        allowed |= {p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD} - {"array", "net"}
+        allowed |= {p.name for p in list(params)[2:] if p.kind == p.POSITIONAL_OR_KEYWORD}  # after (tensor, net)
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise TypeError(f"{name}: unknown option(s) {unknown}; the decompositions take {sorted(allowed)}")
+    # values too, whichever formats use them: one tensorize call may mix formats, and a bad value must not
+    # pass silently just because the first layers' format ignores it
+    try:
+        if "n_iter_max" in options:
+            check_n_iter_max(options["n_iter_max"])
+        if "tol" in options:
+            check_tol(options["tol"])
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{name}: {err}") from None
 
 
 class CoreModule(nn.Module):

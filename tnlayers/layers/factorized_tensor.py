@@ -76,7 +76,8 @@ class FactorizedTensor(CoreModule):
     @classmethod
     def from_tensor(cls, tensor: torch.Tensor, format: str = "tucker", rank: TensorRank = "same", **options: Any
                     ) -> "FactorizedTensor":
-        """Decompose ``tensor`` (TT-SVD, TR-SVD, CP-ALS or HOOI via tensorly) into a FactorizedTensor.
+        """Decompose ``tensor`` (TT-SVD, TR-SVD, CP-ALS or HOSVD + HOOI: ``tnlayers.decompositions``) into a
+        FactorizedTensor.
 
             >>> import torch, tnlayers
             >>> T = tnlayers.FactorizedTensor.from_tensor(torch.randn(8, 6, 4), "cp", rank=5)

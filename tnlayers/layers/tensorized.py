@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..contract import autocast_dtype
-from ..decompose import decompose
+from ..decompose import decompose, relative_error
 from ..formats.network import mode_label
 from ..init import check_weight_std, init_cores_, resolve_weight_std
 from ..strategy import STRATEGIES, ModuleChoices, check_strategy, chooser, timing_run
@@ -87,8 +87,9 @@ class TensorizedLayer(CoreModule):
 
     @torch.no_grad()
     def init_from_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None, **options) -> float:
-        """Set the cores by decomposing a dense ``weight`` (TT-SVD, TR-SVD, CP-ALS, HOOI via tensorly);
-        returns and stores (``decomposition_error``) the relative Frobenius error of the fit."""
+        """Set the cores by decomposing a dense ``weight`` (TT-SVD, TR-SVD, CP-ALS, HOSVD + HOOI:
+        ``tnlayers.decompositions``); returns and stores (``decomposition_error``) the relative Frobenius error
+        of the fit."""
         if isinstance(weight, torch.Tensor) and tuple(weight.shape) != self._weight_shape():
             raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit {type(self).__name__} with weight "
                              f"shape {self._weight_shape()}")
@@ -100,8 +101,8 @@ class TensorizedLayer(CoreModule):
         self._load_cores(decompose(self._weight_to_modes(weight), self.network, **options))
         if bias is not None and self.bias is not None:
             self.bias.copy_(bias)
-        error = float(torch.linalg.vector_norm((self.weight - weight.to(self.weight)).double())
-                      / torch.linalg.vector_norm(weight.double()).clamp_min(1e-300))
+        rebuilt = self.weight
+        error = relative_error(rebuilt, weight.to(rebuilt.device))
         self.decomposition_error = error
         return error
 
