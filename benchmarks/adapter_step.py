@@ -152,28 +152,38 @@ def run_format(args, fmt: str, device) -> dict:
     return dict(timed, adapters=len(named_adapters(model)), trainable=counts.trainable, total=counts.total)
 
 
+def _preamble(args, machine: str, title: str, methods: str, setting: list) -> list:
+    """The lines above a results table: title, machine, command, the setting, the sample."""
+    return [f"# {title} on {args.device.upper()}: {methods}", "", f"- Machine: {machine}",
+            f"- Command: `{' '.join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv)}`", *setting,
+            f"- Median over {args.rounds * args.steps} steps per method ({args.rounds} interleaved rounds of "
+            f"{args.steps}, after {args.warmup} warm-up steps)", ""]
+
+
+def _timings(result: dict, baseline: str) -> list:
+    """Per method, the table cells from the method on: median, min, max (ms), x ``baseline``, optimizer step."""
+    base = result["medians"][baseline][0]
+    rows = []
+    for method, (whole, step) in result["medians"].items():
+        low, high = result["spread"][method]
+        rows.append(f"{method} | {whole * 1e3:.2f} | {low * 1e3:.2f} | {high * 1e3:.2f} | {whole / base:.3f} | "
+                    f"{step * 1e3:.3f} |")
+    return rows
+
+
 def report(args, results: dict, machine: str) -> str:
     model = ("transformers RobertaForSequenceClassification (random config)" if args.model == "roberta"
              else "pre-norm transformer classifier (nn.Linear query/key/value/out, 4x MLP)")
-    lines = [
-        f"# Adapter training-step time on {args.device.upper()}: Adam vs SAM vs DAS", "",
-        f"- Machine: {machine}",
-        f"- Command: `{' '.join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv)}`",
+    lines = _preamble(args, machine, "Adapter training-step time", "Adam vs SAM vs DAS", [
         f"- Model: {model}, width {args.dim}, {args.depth} blocks, {args.heads} heads; batch {args.batch} x "
         f"{args.seq} tokens; base frozen, adapters on query and value (alpha 16)",
-        "- Optimizers: Adam(lr 3e-4, weight decay 0.01); SAM rho 0.1 and DAS alpha 1.0 around it (DAS backend auto)",
-        f"- Median over {args.rounds * args.steps} steps per method ({args.rounds} interleaved rounds of {args.steps}, "
-        f"after {args.warmup} warm-up steps)", "",
-        "| adapter | trainable / total params | method | training step median (ms) | min | max | x Adam | "
-        "optimizer step (ms) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
-    ]
+        "- Optimizers: Adam(lr 3e-4, weight decay 0.01); SAM rho 0.1 and DAS alpha 1.0 around it (DAS backend auto)"])
+    lines += ["| adapter | trainable / total params | method | training step median (ms) | min | max | x Adam | "
+              "optimizer step (ms) |",
+              "|---|---:|---|---:|---:|---:|---:|---:|"]
     for fmt, result in results.items():
-        adam = result["medians"]["Adam"][0]
-        for method, (whole, step) in result["medians"].items():
-            low, high = result["spread"][method]
-            lines.append(f"| {fmt} | {result['trainable']:,} / {result['total']:,} | {method} | {whole * 1e3:.2f} | "
-                         f"{low * 1e3:.2f} | {high * 1e3:.2f} | {whole / adam:.3f} | {step * 1e3:.3f} |")
+        lines += [f"| {fmt} | {result['trainable']:,} / {result['total']:,} | {cells}"
+                  for cells in _timings(result, "Adam")]
     lines += ["", "Targets (the paper's Table 6, LoRETTA on OPT-6.7B: SAM 2x, DAS 1.04x): DAS <= 1.05x "
               "Adam, SAM about 2x per training step. SAM's optimizer-step column is its second_step; its first_step "
               "sits in the whole step."]
@@ -237,30 +247,20 @@ def run_peft(args, name: str, device) -> dict:
 
 
 def peft_report(args, results: dict, machine: str) -> str:
-    lines = [
-        f"# PEFT LoRA training-step time on {args.device.upper()}: AdamW vs DAS(AdamW) vs SAM(AdamW)", "",
-        f"- Machine: {machine}",
-        f"- Command: `{' '.join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv)}`",
+    lines = _preamble(args, machine, "PEFT LoRA training-step time", "AdamW vs DAS(AdamW) vs SAM(AdamW)", [
         f"- Models: random-config transformers GPT2LMHeadModel (causal-LM loss, LoRA on c_attn) and "
         f"RobertaForSequenceClassification (LoRA on query/key/value), width {args.dim}, {args.depth} layers, "
         f"{args.heads} heads, vocabulary {args.vocab}; batch {args.batch} x {args.seq} tokens; peft LoRA r 8, "
         "alpha 16, base frozen, train mode",
         "- Optimizers: AdamW(lr 3e-4, weight decay 0.01); DAS alpha 1.0 (backend auto) and SAM rho 0.1 around it, "
-        "each built on the trainable parameters (DAS marks the LoRA groups itself)",
-        f"- Median over {args.rounds * args.steps} steps per method ({args.rounds} interleaved rounds of {args.steps}, "
-        f"after {args.warmup} warm-up steps)", "",
-        "| model | LoRA layers / core groups / cores DAS rescales | trainable / total params | method | "
-        "training step median (ms) | min | max | x AdamW | optimizer step (ms) |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
-    ]
+        "each built on the trainable parameters (DAS marks the LoRA groups itself)"])
+    lines += ["| model | LoRA layers / core groups / cores DAS rescales | trainable / total params | method | "
+              "training step median (ms) | min | max | x AdamW | optimizer step (ms) |",
+              "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for name, result in results.items():
-        adamw = result["medians"]["AdamW"][0]
         groups = f"{result['lora_layers']} / {result['core_groups']} / {result['cores_rescaled_by_das']}"
-        for method, (whole, step) in result["medians"].items():
-            low, high = result["spread"][method]
-            lines.append(f"| {name} | {groups} | {result['trainable']:,} / {result['total']:,} | {method} | "
-                         f"{whole * 1e3:.2f} | {low * 1e3:.2f} | {high * 1e3:.2f} | {whole / adamw:.3f} | "
-                         f"{step * 1e3:.3f} |")
+        lines += [f"| {name} | {groups} | {result['trainable']:,} / {result['total']:,} | {cells}"
+                  for cells in _timings(result, "AdamW")]
     lines += ["", "Targets: DAS <= 1.05x AdamW, SAM about 2x per training step. SAM's optimizer-step column "
               "is its second_step; its first_step sits in the whole step."]
     return "\n".join(lines) + "\n"

@@ -173,12 +173,13 @@ def write_table(rows: list, tests: list, args, log: dict, out: Path) -> None:
               "With 5 seeds the test is weak: read a p-value above 0.05 as 'no difference shown', not 'no "
               "difference'.", "", "| model | noise | difference | mean | 95% CI | p | Holm p |",
               "|---|---:|---|---:|---|---:|---:|"]
-    for t, adjusted in zip(tests, holm([t["p"] for t in tests])):
+    adjusted_p = holm([t["p"] for t in tests])
+    for t, adjusted in zip(tests, adjusted_p):
         p = "n/a (no spread)" if math.isnan(t["p"]) else f"{t['p']:.3f} | {adjusted:.3f}"
         lines.append(f"| {t['model']} | {100 * t['noise']:.0f}% | {t['pair']} | {t['mean']:+.2f} | "
                      f"[{t['low']:+.2f}, {t['high']:+.2f}] | {p} |")
     small = [f"{t['pair']}, {t['model']}, {100 * t['noise']:.0f}%" for t in tests if t["p"] < 0.05]
-    survive = sum(a < 0.05 for a in holm([t["p"] for t in tests]))
+    survive = sum(a < 0.05 for a in adjusted_p)
     lines += ["", f"{len(tests)} comparisons: by chance alone about {0.05 * len(tests):.1f} would have p < 0.05; "
               f"{len(small)} do{' (' + '; '.join(small) + ')' if small else ''}, and {survive} remain below 0.05 "
               "after Holm's correction for the number of comparisons (column 'Holm p')."]

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import tnlayers
-from tnlayers.digits import digits, symmetric_label_noise as add_label_noise  # the demo's data and noise
+from tnlayers.digits import digits, random_crops, symmetric_label_noise as add_label_noise  # the demo's too
 from tnlayers.optim import BAR, DAS, GSAM, SAM, training_step
 from tnlayers.training import load_checkpoint, save_checkpoint
 
@@ -98,14 +98,10 @@ def normalize(images: torch.Tensor, stats=CIFAR_STATS) -> torch.Tensor:
 def augment(x: torch.Tensor, gen: torch.Generator, flip: bool = True) -> torch.Tensor:
     """Random crop with size/8-pixel padding (4 for 32x32) and horizontal flip (the standard CIFAR augmentation;
     ``flip=False``: crops only)."""
-    n, size = len(x), x.shape[-1]
-    pad = max(1, size // 8)
-    padded = F.pad(x, (pad, pad, pad, pad))
-    i, j = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()  # one crop per batch keeps it vectorized
-    x = padded[:, :, i:i + size, j:j + size]
+    x = random_crops(x, gen, pad=max(1, x.shape[-1] // 8))  # one crop per batch keeps it vectorized
     if not flip:
         return x
-    flipped = torch.rand(n, generator=gen) < 0.5
+    flipped = torch.rand(len(x), generator=gen) < 0.5
     return torch.where(flipped.view(-1, 1, 1, 1), x.flip(3), x)
 
 

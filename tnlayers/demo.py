@@ -74,10 +74,15 @@ def _train(name: str, seed: int, data, args) -> Dict:
                 params=sum(p.numel() for p in model.parameters()))
 
 
+def _indexed(rows: List[Dict], seeds: List[int]):
+    """({(optimizer, seed): run}, SGD's median step time over the seeds)."""
+    by = {(r["optimizer"], r["seed"]): r for r in rows}
+    return by, statistics.median(by["SGD", s]["step_ms"] for s in seeds)
+
+
 def _summary(rows: List[Dict], seeds: List[int]) -> List[str]:
     """Per optimizer: mean accuracy, spread over seeds, step time vs SGD; paired differences to SGD."""
-    by = {(r["optimizer"], r["seed"]): r for r in rows}
-    sgd_ms = statistics.median(by["SGD", s]["step_ms"] for s in seeds)
+    by, sgd_ms = _indexed(rows, seeds)
     lines = [f"{'optimizer':<10}{'test acc (mean)':>16}{'per seed':>22}{'ms/step':>9}{'x SGD':>7}{'mean Q end':>12}"]
     for name in OPTIMIZERS:
         acc = [100 * by[name, s]["test_accuracy"] for s in seeds]
@@ -102,8 +107,7 @@ def _plot(rows: List[Dict], seeds: List[int], path: str, title: str) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install 'tnlayers[demo]')")
         return
-    by = {(r["optimizer"], r["seed"]): r for r in rows}
-    sgd_ms = statistics.median(by["SGD", s]["step_ms"] for s in seeds)
+    by, sgd_ms = _indexed(rows, seeds)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for name in OPTIMIZERS:
         acc = [100 * by[name, s]["test_accuracy"] for s in seeds]

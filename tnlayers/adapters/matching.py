@@ -21,7 +21,6 @@ Rules, written down once:
 from __future__ import annotations
 
 import re
-import sys
 from fnmatch import fnmatchcase
 from typing import Dict, List, Optional, Tuple
 
@@ -29,6 +28,7 @@ from torch import nn
 
 from ..selection import _close_matches_hint, _is_glob
 from .conv import Conv2dAdapter
+from ..integrations.peft import loaded as peft_loaded, loaded_class
 from .adapter import Adapter
 from .linear import LinearAdapter, is_hf_conv1d
 
@@ -41,10 +41,9 @@ _PEFT_CLASSES = (("peft.tuners.tuners_utils", "BaseTunerLayer"), ("peft.utils.ot
 
 def _peft_kinds() -> Tuple[type, ...]:
     """PEFT's layer classes, as far as the user has imported peft (tnlayers never imports it)."""
-    if "peft" not in sys.modules:
+    if not peft_loaded():
         return ()
-    found = (getattr(sys.modules.get(module), name, None) for module, name in _PEFT_CLASSES)
-    return tuple(c for c in found if isinstance(c, type))
+    return tuple(c for c in (loaded_class(module, name) for module, name in _PEFT_CLASSES) if c is not None)
 
 
 def _is_peft(module: nn.Module, kinds: Tuple[type, ...]) -> bool:
@@ -92,13 +91,16 @@ def _candidates(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], Dict[str
     return out, inside
 
 
+def _peft_refusal(what: str, layer: nn.Module) -> ValueError:
+    """``what`` (a layer PEFT wrapped, or something inside one) cannot be a target: the error and its fix."""
+    return ValueError(f"target_modules: {what} PEFT already adapted ({type(layer).__module__}.{type(layer).__name__}); "
+                      f"tnlayers adapts the layers PEFT did not wrap: leave it out of target_modules, or fold PEFT's "
+                      f"adapter into the base model first (merge_and_unload()) and adapt the plain layer")
+
+
 def _peft_error(entry, name: str, owner: Tuple[str, nn.Module]) -> ValueError:
     where, layer = owner
-    kind = f"{type(layer).__module__}.{type(layer).__name__}"
-    return ValueError(f"target_modules: {entry!r} names {name!r}, inside {where or '<model>'!r}, a layer PEFT "
-                      f"already adapted ({kind}); tnlayers adapts the layers PEFT did not wrap: leave it out of "
-                      f"target_modules, or fold PEFT's adapter into the base model first (merge_and_unload()) "
-                      f"and adapt the plain layer")
+    return _peft_refusal(f"{entry!r} names {name!r}, inside {where or '<model>'!r}, a layer", layer)
 
 
 def _entry_matches(entry: str, name: str) -> bool:
@@ -143,10 +145,7 @@ def _matcher(target_modules, names: List[str], known: List[str], inside: Dict[st
 
 def _why_not(name: str, module: nn.Module, parents: dict) -> Optional[Exception]:
     if _is_peft(module, _peft_kinds()):
-        return ValueError(f"target_modules: {name!r} is a layer PEFT already adapted ({type(module).__module__}."
-                          f"{type(module).__name__}); tnlayers adapts the layers PEFT did not wrap: leave it out of "
-                          f"target_modules, or fold PEFT's adapter into the base model first (merge_and_unload()) "
-                          f"and adapt the plain layer")
+        return _peft_refusal(f"{name!r} is a layer", module)
     if isinstance(module, Adapter):
         return ValueError(f"target_modules: {name!r} is already adapted ({type(module).__name__}); a layer is "
                           f"wrapped once: unadapt(model) first (merge=True keeps its update), then adapt again")

@@ -44,7 +44,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-__all__ = ["loaded", "adapter_groups", "live_tuner_layers"]
+__all__ = ["loaded", "loaded_class", "adapter_groups", "live_tuner_layers"]
 
 # LoHa's factor sets: (w1a, w1b, w2a, w2b) or, with use_effective_conv2d, the same plus the two Tucker cores
 LOHA_FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -53,6 +53,9 @@ LOHA_SETS = (frozenset(LOHA_FACTORS[:4]), frozenset(LOHA_FACTORS))
 LOKR_FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 LOKR_SETS = tuple(frozenset(one | two) for one in ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"})
                   for two in ({"lokr_w2"}, {"lokr_w2_a", "lokr_w2_b"}, {"lokr_t2", "lokr_w2_a", "lokr_w2_b"}))
+# where PEFT's LoRA, LoHa and LoKr layer base classes live
+TUNER_CLASSES = (("peft.tuners.lora.layer", "LoraLayer"), ("peft.tuners.loha.layer", "LoHaLayer"),
+                 ("peft.tuners.lokr.layer", "LoKrLayer"))
 # the LoRA variants whose factors stay the scale-invariant pair (A, B): DoRA (Linear, Embedding, ConvNd)
 DORA_VARIANTS = ("DoraLinearVariant", "_DoraConvNdVariant")
 
@@ -62,15 +65,19 @@ def loaded() -> bool:
     return "peft" in sys.modules
 
 
-def _class(module: str, name: str) -> Optional[type]:
-    return getattr(sys.modules.get(module), name, None)
+def loaded_class(module: str, name: str) -> Optional[type]:
+    """``module.name`` if the user's imports have loaded that module, else None (never imports it).
+
+        >>> loaded_class("no.such.module", "Thing") is None
+        True
+    """
+    found = getattr(sys.modules.get(module), name, None)
+    return found if isinstance(found, type) else None
 
 
 def _tuner_classes() -> Tuple[type, ...]:
     """PEFT's LoRA, LoHa and LoKr layer base classes, as far as peft has loaded them."""
-    found = (_class("peft.tuners.lora.layer", "LoraLayer"), _class("peft.tuners.loha.layer", "LoHaLayer"),
-             _class("peft.tuners.lokr.layer", "LoKrLayer"))
-    return tuple(c for c in found if c is not None)
+    return tuple(c for c in (loaded_class(*where) for where in TUNER_CLASSES) if c is not None)
 
 
 def _parameter(value) -> Optional[nn.Parameter]:
@@ -88,12 +95,12 @@ def _lora_variant_ok(module: nn.Module, adapter: str) -> bool:
     variant = getattr(module, "lora_variant", {}).get(adapter)
     if variant is None:
         return True
-    dora = tuple(c for c in (_class("peft.tuners.lora.variants", n) for n in DORA_VARIANTS) if c is not None)
+    dora = tuple(c for c in (loaded_class("peft.tuners.lora.variants", n) for n in DORA_VARIANTS) if c is not None)
     return bool(dora) and isinstance(variant, dora)
 
 
 def _lora_groups(module: nn.Module) -> List[Tuple[str, List[nn.Parameter]]]:
-    adalora = _class("peft.tuners.adalora.layer", "AdaLoraLayer")
+    adalora = loaded_class("peft.tuners.adalora.layer", "AdaLoraLayer")
     if adalora is not None and isinstance(module, adalora):
         return []
     out = []
@@ -133,8 +140,7 @@ def adapter_groups(module: nn.Module) -> List[Tuple[str, List[nn.Parameter]]]:
     the layer holds its adapters; ``[]`` for any other module, or when peft is not imported."""
     if not loaded():
         return []
-    lora, loha, lokr = (_class("peft.tuners.lora.layer", "LoraLayer"), _class("peft.tuners.loha.layer", "LoHaLayer"),
-                        _class("peft.tuners.lokr.layer", "LoKrLayer"))
+    lora, loha, lokr = (loaded_class(*where) for where in TUNER_CLASSES)
     if lora is not None and isinstance(module, lora):
         return _lora_groups(module)
     if loha is not None and isinstance(module, loha):

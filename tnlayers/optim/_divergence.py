@@ -84,7 +84,7 @@ class DivergenceWatch:
             if tensors and not one_bucket(tensors):
                 self._buckets = Buckets(tensors)
             # plain tensors are the same objects every step: listed once (a DTensor's local shard is not)
-            sharded = any(_local(c.tensor) is not c.tensor for c in self._cores)
+            sharded = any(t is not c.tensor for t, c in zip(tensors, self._cores))
             self._tensors = None if sharded else tensors
             self._dtype = stat_dtype(tensors)
         return self._cores

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .norms import stat_dtype
+from .norms import foreach_squared_norms, stat_dtype
 
 __all__ = ["Buckets", "one_bucket", "norm_dtype", "to_device", "rescale_", "squared_norms", "global_norm",
            "foreach_mul", "foreach_mul_", "dot"]
@@ -145,7 +145,7 @@ def squared_norms(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.
     """
     tensors = list(tensors)
     if one_bucket(tensors):
-        return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).square()
+        return foreach_squared_norms(tensors, dtype)
     return Buckets(tensors).norms([tensors], 2, dtype).square()
 
 

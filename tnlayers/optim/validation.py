@@ -10,7 +10,7 @@ from typing import Any, Dict, Tuple
 import torch
 
 __all__ = ["check_non_negative", "check_choice", "resolve_base_optimizer", "check_base_compatible", "check_base_kwargs",
-           "check_not_meta"]
+           "check_not_meta", "keyword_defaults"]
 
 
 def check_non_negative(name: str, value: Any) -> float:
@@ -71,27 +71,33 @@ def check_base_compatible(wrapper: str, base_class: type, base_defaults: Dict[st
             f"{wrapper} cannot wrap {base_class.__name__}")
 
 
-def _keywords(function) -> Tuple[set, bool]:
-    """The keyword parameter names of ``function`` and whether it also takes ``**kwargs`` (no signature: any)."""
+def keyword_defaults(function) -> Tuple[Dict[str, Any], bool]:
+    """``({name: default}, takes **kwargs)`` of ``function``'s keyword parameters, ``self`` and ``params`` left
+    out (a signature that cannot be read: ``({}, True)``, i.e. anything may be accepted).
+
+        >>> keyword_defaults(torch.optim.SGD.__init__)[0]["momentum"], keyword_defaults(torch.optim.SGD.__init__)[1]
+        (0, False)
+    """
     try:
         parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):
-        return set(), True
-    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return names, any(p.kind is p.VAR_KEYWORD for p in parameters)
+        return {}, True
+    defaults = {p.name: p.default for p in parameters
+                if p.name not in ("self", "params") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return defaults, any(p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def check_base_kwargs(wrapper_class: type, base_class: type, base_kwargs: Dict[str, Any]) -> None:
     """A keyword that is neither the wrapper's nor the base optimizer's: a TypeError naming both and the closest
     of the wrapper's own options (``SAM(..., SGD, eps=...)``: SAM's is ``perturb_eps``), before anything is built
     (the base optimizer's own TypeError would not say which options the wrapper takes)."""
-    accepted, any_keyword = _keywords(base_class.__init__)
-    unknown = [] if any_keyword else sorted(set(base_kwargs) - accepted)
+    accepted, any_keyword = keyword_defaults(base_class.__init__)
+    unknown = [] if any_keyword else sorted(set(base_kwargs) - set(accepted))
     if not unknown:
         return
-    own = sorted(_keywords(wrapper_class.__init__)[0] - {"self", "params", "base_optimizer"})
+    own = sorted(set(keyword_defaults(wrapper_class.__init__)[0]) - {"base_optimizer"})
     names = {**{name: f"{wrapper_class.__name__}'s" for name in own},
-             **{name: f"{base_class.__name__}'s" for name in accepted - {"self", "params"}}}
+             **{name: f"{base_class.__name__}'s" for name in accepted}}
     close = [name for name in own if unknown[0] in name.split("_")]  # eps -> perturb_eps
     close = close or difflib.get_close_matches(unknown[0], list(names), n=1, cutoff=0.6)
     hint = f"; did you mean {names[close[0]]} {close[0]}=?" if close else ""

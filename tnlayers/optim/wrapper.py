@@ -6,7 +6,6 @@ GradScaler therefore see a single list of groups, and a checkpoint holds a singl
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Dict, Optional
 
 import torch
@@ -15,7 +14,8 @@ from ._divergence import DivergenceWatch
 from ..groups import mark_peft_groups
 from .state_dict import EXTRA_STATE_KEY, KIND_KEY, check_state_dict
 from ..types import BaseOptimizer, Params
-from .validation import check_base_compatible, check_base_kwargs, check_not_meta, resolve_base_optimizer
+from .validation import (check_base_compatible, check_base_kwargs, check_not_meta, keyword_defaults,
+                         resolve_base_optimizer)
 
 __all__ = ["WrappedOptimizer"]
 
@@ -49,7 +49,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self._divergence = DivergenceWatch()  # subclasses call _after_update() once per step
         self._wrapper_defaults = dict(wrapper_defaults)
         base_class = type(base_optimizer) if kind == "instance" else base_optimizer
-        base_defaults = base_optimizer.defaults if kind == "instance" else _class_defaults(base_class)
+        base_defaults = base_optimizer.defaults if kind == "instance" else keyword_defaults(base_class.__init__)[0]
         check_base_compatible(type(self).__name__, base_class, base_defaults, self._wrapper_defaults)
         if kind == "instance":
             if params is not None:
@@ -161,13 +161,3 @@ class WrappedOptimizer(torch.optim.Optimizer):
             self.base_optimizer.load_state_dict(backup)
             self._link_base()
             raise
-
-
-def _class_defaults(optimizer_class: type) -> Dict[str, Any]:
-    """The keyword defaults of ``optimizer_class.__init__`` (its hyper-parameter names), without building it."""
-    try:
-        parameters = inspect.signature(optimizer_class.__init__).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {name: p.default for name, p in parameters.items()
-            if name not in ("self", "params") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
