@@ -19,12 +19,21 @@ On glibc, ``--keep-freed-memory`` stops the allocator from unmapping freed tenso
 otherwise page faults on fresh 8 MB buffers cost more than a thin conv and land on whichever calls happen
 to get fresh memory, for every library alike.
 
+Further sections (``--sections``; all by default), the same grid and verdicts: a Conv1d 64 -> 64, k = 3, on
+batch x 64 x size² (as many positions as the Conv2d input); a Conv3d 64 -> 64, 3x3x3, on (batch/8) x 64 x
+(size/4) x (size/2) x (size/2); a depthwise Conv2d (groups=64) 64 -> 64, 3x3, on the Conv2d input (tltorch has no
+grouped conv: nn is its only rival; a depthwise layer has no factorized chain, so no "tnlayers factorized" column).
+tltorch's ``FactorizedConv`` takes 1-D and 3-D kernels as it takes 2-D ones.
+An Embedding section (``_embedding_bench.py``): lookups against nn.Embedding and tltorch's FactorizedEmbedding, at
+ranks of its own (``--embedding-ranks``), and the 1,000,000 x 256 lookup-vs-rebuild measurement of issue 22.
+
 Targets: auto <= 1.1x the fastest of {tltorch factorized, tltorch reconstructed, dense} in every row;
 inference <= 1.05x dense at every rank; geometric-mean speed-up over tltorch's default ('factorized') >= 1.5x.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import random
@@ -42,6 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tnlayers  # noqa: E402
+from _embedding_bench import (LOOKUPS, RANKS as EMBEDDING_RANKS, embedding_inputs, lookup_vs_rebuild,  # noqa: E402
+                              our_embedding, tltorch_embeddings)
 from _machine import cpu_name  # noqa: E402
 from _memory import FLAG_HELP, NOTE, apply_flag  # noqa: E402
 from _output import default_out  # noqa: E402
@@ -51,6 +62,20 @@ RANKS = (0.05, 0.1, 0.25, 0.5)
 MODES = ("train", "inference")
 MIN_ROUNDS = 3  # every implementation is timed at least this often, whatever --budget says
 CONV = {"tucker": tnlayers.TuckerConv2d, "tt": tnlayers.TTConv2d, "cp": tnlayers.CPConv2d, "tr": tnlayers.TRConv2d}
+_L = tnlayers.layers
+# section -> (tnlayers class per format, nn class, kernel, groups) for the conv sections beside the Conv2d one
+CONV_SECTIONS = {
+    "conv1d": ({"tucker": _L.TuckerConv1d, "tt": _L.TTConv1d, "cp": _L.CPConv1d, "tr": _L.TRConv1d}, nn.Conv1d,
+               (3,), 1),
+    "conv3d": ({"tucker": _L.TuckerConv3d, "tt": _L.TTConv3d, "cp": _L.CPConv3d, "tr": _L.TRConv3d}, nn.Conv3d,
+               (3, 3, 3), 1),
+    "depthwise": (CONV, nn.Conv2d, (3, 3), 64),
+}
+SECTIONS = ("conv", "linear", *CONV_SECTIONS, "embedding")
+TITLES = {"embedding": "Embedding 100,000 x 128, index modes (50, 50, 40), dim modes (8, 4, 4), {} lookups; rank: "
+                       "the fraction of the table's parameters kept",
+          "conv1d": "Conv1d 64 -> 64, k=3, input {}", "conv3d": "Conv3d 64 -> 64, 3x3x3, input {}",
+          "depthwise": "Depthwise Conv2d 64 -> 64 (groups=64), 3x3, input {}"}
 LINEAR = {"tucker": tnlayers.TuckerLinear, "tt": tnlayers.TTLinear, "cp": tnlayers.CPLinear, "tr": tnlayers.TRLinear}
 TLTORCH_NAMES = {"conv": {"tucker": "tucker", "tt": "tt", "cp": "cp"},
                  "linear": {"tucker": "tucker", "tt": "blocktt", "cp": "cp"}}
@@ -58,18 +83,21 @@ TLTORCH_NAMES = {"conv": {"tucker": "tucker", "tt": "tt", "cp": "cp"},
 
 def tltorch_layers(kind, fmt, rank, device):
     """{implementation: tensorly-torch layer} at this format and rank; {} when tltorch is missing or lacks it."""
+    if kind == "embedding":
+        return tltorch_embeddings(fmt, rank, device)
     try:
         from tltorch.factorized_layers import FactorizedConv, FactorizedLinear
     except ImportError:
         return {}
-    name = TLTORCH_NAMES[kind].get(fmt)
-    if name is None:
+    kernel = CONV_SECTIONS[kind][2] if kind in CONV_SECTIONS else (3, 3)
+    name = TLTORCH_NAMES["linear" if kind == "linear" else "conv"].get(fmt)
+    if name is None or kind == "depthwise":  # (tltorch has no grouped conv)
         return {}
-    implementations = ["factorized", "reconstructed"] + (["mobilenet"] if (kind, fmt) == ("conv", "cp") else [])
+    implementations = ["factorized", "reconstructed"] + (["mobilenet"] if (kind != "linear" and fmt == "cp") else [])
     layers = {}
     for impl in implementations:
-        if kind == "conv":
-            layers[impl] = FactorizedConv(64, 64, (3, 3), padding=1, factorization=name, rank=rank,
+        if kind != "linear":
+            layers[impl] = FactorizedConv(64, 64, kernel, padding=1, factorization=name, rank=rank,
                                           implementation=impl, device=device)
             # tltorch 0.5's FactorizedConv leaves its factors uninitialized (torch.empty): timed as built,
             # garbage values with denormals made its calls up to 20x slower, varying from process to process
@@ -81,6 +109,11 @@ def tltorch_layers(kind, fmt, rank, device):
 
 
 def ours(kind, fmt, rank, strategy, device):
+    if kind == "embedding":
+        return our_embedding(fmt, rank, strategy, device)
+    if kind in CONV_SECTIONS:
+        classes, _, kernel, groups = CONV_SECTIONS[kind]
+        return classes[fmt](64, 64, kernel, padding=1, groups=groups, rank=rank, strategy=strategy, device=device)
     if kind == "conv":
         return CONV[fmt](64, 64, 3, padding=1, rank=rank, strategy=strategy, device=device)
     return LINEAR[fmt](1024, 1024, rank=rank, strategy=strategy, device=device, in_shape=(16, 8, 8),
@@ -120,7 +153,7 @@ def run_row(kind, fmt, rank, mode, x, grad, dense, args, device):
     """Min ms over interleaved rounds for every implementation of one grid row."""
     modules = {"dense": dense}
     modules.update({f"tltorch {impl}": layer for impl, layer in tltorch_layers(kind, fmt, rank, device).items()})
-    for strategy in ("dense", "factorized", "auto"):
+    for strategy in ("dense", "auto") if kind == "depthwise" else ("dense", "factorized", "auto"):  # (no chain)
         modules[f"tnlayers {strategy}"] = ours(kind, fmt, rank, strategy, device)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
     for m in modules.values():
@@ -195,6 +228,24 @@ def table(rows):
     return lines
 
 
+def input_shape(kind, args):
+    """The input of a conv section (module docstring), or the lookups of the embedding section."""
+    if kind == "embedding":
+        return (LOOKUPS,)
+    if kind == "conv1d":
+        return (args.batch, 64, args.size * args.size)
+    if kind == "conv3d":
+        return (max(args.batch // 8, 1), 64, max(args.size // 4, 1), max(args.size // 2, 1), max(args.size // 2, 1))
+    return (args.batch, 64, args.size, args.size)
+
+
+def _tltorch_missing(title) -> str:
+    """Why a section has no tensorly-torch rows."""
+    if importlib.util.find_spec("tltorch") is None:
+        return "tensorly-torch not installed"
+    return "tensorly-torch has no grouped conv" if title == "depthwise" else "no tensorly-torch rows"
+
+
 def verdicts(rows, title):
     """The three targets, judged on the paired estimate (see ``paired``); the ratio of minimums is shown too."""
     summary = summarize(rows)
@@ -208,7 +259,7 @@ def verdicts(rows, title):
              f"({worst_inf_min['format']} {worst_inf_min['rank']}) — target <= 1.05: "
              f"{met(worst_inf['vs_dense']['paired'] <= 1.05)}"]
     if geo is None:
-        lines.append(f"- {title}: geometric-mean speed-up over tltorch's default: n/a (tensorly-torch not installed)")
+        lines.append(f"- {title}: geometric-mean speed-up over tltorch's default: n/a ({_tltorch_missing(title)})")
     else:
         lines.append(f"- {title}: geometric-mean speed-up over tltorch's default implementation: paired {geo:.2f}x; "
                      f"ratio of minimums {geo_min:.2f}x — target >= 1.5: {met(geo >= 1.5)}")
@@ -216,17 +267,24 @@ def verdicts(rows, title):
 
 
 def grid(kind, args, device):
-    if kind == "conv":
+    if kind == "embedding":  # indices need no gradient; the upstream gradient is the lookups'
+        x, dense, grad = embedding_inputs(device)
+    elif kind in CONV_SECTIONS:
+        _, dense_class, kernel, groups = CONV_SECTIONS[kind]
+        x = torch.randn(*input_shape(kind, args), device=device)
+        dense = dense_class(64, 64, kernel, padding=1, groups=groups, device=device)
+    elif kind == "conv":
         x = torch.randn(args.batch, 64, args.size, args.size, device=device)
         dense = nn.Conv2d(64, 64, 3, padding=1, device=device)
     else:
         x = torch.randn(args.rows, 1024, device=device)
         dense = nn.Linear(1024, 1024, device=device)
-    grad = torch.randn_like(x)  # the upstream gradient: 64 -> 64 same-padding conv, 1024 -> 1024 linear
-    x.requires_grad_(not args.first_layer)
+    if kind != "embedding":
+        grad = torch.randn_like(x)  # the upstream gradient: 64 -> 64 same-padding convs, 1024 -> 1024 linear
+        x.requires_grad_(not args.first_layer)
     rows = []
     for fmt in args.formats:
-        for rank in args.ranks:
+        for rank in (args.embedding_ranks if kind == "embedding" else args.ranks):
             for mode in MODES:
                 rows.append(run_row(kind, fmt, rank, mode, x, grad, dense, args, device))
                 r = rows[-1]
@@ -235,7 +293,9 @@ def grid(kind, args, device):
     return rows
 
 
-def write(conv_rows, linear_rows, args, path):
+def write(conv_rows, linear_rows, args, path, more=None, notes=()):
+    """``more``: {section: rows} of the further sections (module docstring); ``notes``: lines after the verdicts."""
+    more = more or {}
     device = torch.device(args.device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{cpu_name()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
@@ -255,10 +315,19 @@ def write(conv_rows, linear_rows, args, path):
              "after one warm-up call each (train: forward + backward from a given upstream gradient, the input "
              + ("needing no gradient (--first-layer)" if args.first_layer else "needing its gradient, as in a hidden layer")
              + "; inference: eval-mode forward under no_grad)", ""]
-    lines += ["## Verdicts", ""] + verdicts(conv_rows, "conv") + (verdicts(linear_rows, "linear") if linear_rows else [])
-    lines += ["", f"## Conv2d 64 -> 64, 3x3, input {args.batch}x64x{args.size}x{args.size} (ms)", ""] + table(conv_rows)
+    lines += ["## Verdicts", ""] + (verdicts(conv_rows, "conv") if conv_rows else []) \
+        + (verdicts(linear_rows, "linear") if linear_rows else [])
+    for kind, rows in more.items():
+        lines += verdicts(rows, kind)
+    lines += list(notes)
+    if conv_rows:
+        lines += ["", f"## Conv2d 64 -> 64, 3x3, input {args.batch}x64x{args.size}x{args.size} (ms)", ""] \
+            + table(conv_rows)
     if linear_rows:
         lines += ["", f"## Linear 1024 -> 1024, modes (16, 8, 8), {args.rows} rows (ms)", ""] + table(linear_rows)
+    for kind, rows in more.items():
+        shape = "x".join(map(str, input_shape(kind, args)))
+        lines += ["", f"## {TITLES[kind].format(shape)} (ms)", ""] + table(rows)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:12]))
@@ -282,7 +351,15 @@ def main(argv=None):
     parser.add_argument("--ranks", nargs="+", type=float, default=list(RANKS))
     parser.add_argument("--first-layer", action="store_true",
                         help="train rows: the input needs no gradient (a network's first layer); default: it does")
-    parser.add_argument("--no-linear", action="store_true", help="conv grid only")
+    parser.add_argument("--no-linear", action="store_true",
+                        help="no linear grid (as leaving 'linear' out of --sections)")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                        help="which grids to run (default: all)")
+    parser.add_argument("--embedding-ranks", nargs="+", type=float, default=list(EMBEDDING_RANKS),
+                        help="ranks of the embedding section: fractions of the table's parameters")
+    parser.add_argument("--embedding-rebuild-rounds", type=int, default=3,
+                        help="rounds of the embedding section's 1,000,000 x 256 lookup-vs-rebuild measurement "
+                             "(0: skip it)")
     parser.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True)")
     parser.add_argument("--keep-freed-memory", action="store_true", help=FLAG_HELP)
     parser.add_argument("--out", default=None)
@@ -294,10 +371,13 @@ def main(argv=None):
     apply_flag(args)
     args.load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     device = torch.device(args.device)
-    conv_rows = grid("conv", args, device)
-    linear_rows = [] if args.no_linear else grid("linear", args, device)
+    conv_rows = grid("conv", args, device) if "conv" in args.sections else []
+    linear_rows = [] if args.no_linear or "linear" not in args.sections else grid("linear", args, device)
+    more = {kind: grid(kind, args, device) for kind in (*CONV_SECTIONS, "embedding") if kind in args.sections}
+    rounds = args.embedding_rebuild_rounds if "embedding" in args.sections else 0
+    notes = lookup_vs_rebuild(device, rounds) if rounds > 0 else []
     tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-").lower()
-    write(conv_rows, linear_rows, args, args.out or default_out(f"{tag}-layers.md"))
+    write(conv_rows, linear_rows, args, args.out or default_out(f"{tag}-layers.md"), more, notes)
 
 
 if __name__ == "__main__":

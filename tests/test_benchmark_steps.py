@@ -69,7 +69,7 @@ def test_default_outputs_never_touch_committed_results(tmp_path, monkeypatch):
     for path in ("benchmarks/results/local/cpu-layers.md", "examples/results/local/norm_dynamics.json"):
         ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=root)
         assert ignored.returncode == 0, f"{path} is not git-ignored"
-    for script in ("layers", "step_time", "adapter_step", "optimizer_step"):
+    for script in ("layers", "step_time", "adapter_step", "optimizer_step", "models", "compress"):
         source = (BENCH / f"{script}.py").read_text()
         assert "default_out(" in source and '/ "results" /' not in source, script
 

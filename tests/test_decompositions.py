@@ -15,6 +15,15 @@ from tnlayers.decompositions import cp_als, hooi, leading_subspace, tr_svd, tt_s
 from tnlayers.decompositions.subspace import mode_gram, mode_product, mode_subspace
 from tnlayers.decompositions.threads import one_thread, threads_for
 
+
+@pytest.fixture(autouse=True)
+def _numpy_tensorly():
+    """The tensorly references run on numpy arrays: importing tensorly-torch elsewhere in the session switches
+    tensorly's global backend to pytorch, so it is pinned here for each test."""
+    tl = pytest.importorskip("tensorly")
+    with tl.backend_context("numpy"):
+        yield
+
 LETTERS = "abcdefgh"
 
 

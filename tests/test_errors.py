@@ -60,7 +60,7 @@ ROWS = [
     ("conv-padding-mode", lambda: TTConv2d(4, 4, 3, padding_mode="mirror", rank=2), ValueError, "padding_mode"),
     ("conv-groups-str", lambda: TTConv2d(4, 4, 3, groups="2", rank=2), TypeError, "groups must be an int"),
     ("conv-groups-zero", lambda: TTConv2d(4, 4, 3, groups=0, rank=2), ValueError, "groups must be a positive"),
-    ("conv-groups-two", lambda: TTConv2d(4, 4, 3, groups=2, rank=2), NotImplementedError, "groups=1 only"),
+    ("conv-groups-two", lambda: TTConv2d(4, 3, 3, groups=2, rank=2), ValueError, "groups=2 must divide"),
     ("bias-not-bool", lambda: TTConv2d(4, 4, 3, bias="yes", rank=2), TypeError, "bias must be True or False"),
     ("dtype-int", lambda: TTConv2d(4, 4, 3, rank=2, dtype=torch.int64), TypeError, "dtype must be"),
     ("strategy-unknown", lambda: TTConv2d(4, 4, 3, rank=2, strategy="fast"), ValueError, "strategy"),

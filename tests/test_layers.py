@@ -307,7 +307,7 @@ def test_variance_preserving_init(weight_std, dense_init):
 
 
 BAD = [
-    (lambda: TTConv2d(4, 4, 3, groups=2, rank=2), NotImplementedError, "groups"),
+    (lambda: TTConv2d(4, 3, 3, groups=2, rank=2), ValueError, "groups=2 must divide"),
     (lambda: TTConv2d(4, 4, 3, rank=0), ValueError, "rank"),
     (lambda: TTConv2d(4, 4, 3, rank="big"), TypeError, "rank"),
     (lambda: TTConv2d(4, 4, 3, rank=None), TypeError, "rank"),

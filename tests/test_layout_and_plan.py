@@ -89,7 +89,7 @@ def test_reuse_or_build_reuses_until_a_core_changes_by_any_route():
 # -- conversion plan ------------------------------------------------------------------------------------------
 def test_the_plan_names_what_tensorize_replaces_and_changes_nothing():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ConvTranspose2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(8, 8), nn.Linear(8, 4))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     children = list(model)
@@ -97,7 +97,7 @@ def test_the_plan_names_what_tensorize_replaces_and_changes_nothing():
     assert sorted(plans) == ["0", "4"]  # "5" is the classifier, kept dense by default
     assert plans["0"].module is children[0] and plans["4"].rank == 3
     assert (layer_class(plans["0"]), layer_class(plans["4"])) == (tnlayers.TTConv2d, tnlayers.TTLinear)
-    assert left_dense == ["1: Conv2d with groups=2 (tensorized convs support groups=1 only)"] and already == []
+    assert left_dense == ["1: ConvTranspose2d (no tensorized counterpart)"] and already == []
     assert list(model) == children and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

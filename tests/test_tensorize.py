@@ -136,7 +136,7 @@ BAD = [
     (dict(rank=2, shapes={"stem": {"in": (3,)}}), ValueError, "in_shape"),
     (dict(rank=2, format="tr", shapes={"stem": {"in_shape": (2, 2)}}), ValueError, r"'stem'.*in_shape"),
     (dict(rank=[1, 3, 2, 1]), ValueError, "'hidden'"),  # a TT conv's ranks do not fit the 6-mode TT Linear
-    (dict(rank="big"), TypeError, "'stem'.*rank"),
+    (dict(rank="big"), ValueError, "'stem'.*rank='big' is not a rank"),  # strings: "auto", "vbmf", "energy:0.9"
     (dict(rank=2, progress="yes"), TypeError, "progress"),
     (dict(rank=2, inplace="no"), TypeError, "inplace"),
     (dict(rank=2, decomposition_options=3), TypeError, "decomposition_options"),
@@ -169,21 +169,25 @@ def test_nothing_to_tensorize_warns_and_returns_the_model_unchanged():
 
 
 def test_unsupported_convs_are_left_dense_with_a_warning():
+    """Conv1d, Conv3d and grouped convs are tensorized; transposed convs have no counterpart (left dense, with a
+    warning); depthwise convs stay dense by default, as the classifier does (no warning), and are tensorized
+    when selected."""
+    from tnlayers.layers import TTConv1d, TTConv3d
     model = nn.Sequential(OrderedDict(
         c1=nn.Conv1d(4, 4, 3), c3=nn.Conv3d(4, 4, 3), grouped=nn.Conv2d(4, 8, 3, groups=2),
         depthwise=nn.Conv2d(4, 4, 3, groups=4), transposed=nn.ConvTranspose2d(4, 4, 3), ok=nn.Conv2d(4, 4, 3),
         fc=nn.Linear(4, 2)))
-    with pytest.warns(UserWarning, match="left 5 module") as caught:
+    with pytest.warns(UserWarning, match="left 1 module") as caught:
         tensorize(model, rank=2)
     message = str(caught[0].message)
-    for name in ("c1: Conv1d", "c3: Conv3d", "grouped: Conv2d with groups=2", "depthwise", "transposed"):
-        assert name in message
-    assert isinstance(model.ok, TTConv2d)
-    assert [type(m) for m in list(model)[:5]] == [nn.Conv1d, nn.Conv3d, nn.Conv2d, nn.Conv2d, nn.ConvTranspose2d]
-    with pytest.warns(UserWarning) as caught:
+    assert "transposed: ConvTranspose2d" in message and "depthwise" not in message
+    assert [type(m) for m in list(model)[:6]] == [TTConv1d, TTConv3d, TTConv2d, nn.Conv2d, nn.ConvTranspose2d,
+                                                  TTConv2d]
+    assert model.grouped.groups == 2 and model.grouped.weight.shape == (8, 2, 3, 3)
+    with pytest.warns(UserWarning, match="nothing to tensorize"):
         tensorize(nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Linear(4, 2)), rank=2)
-    messages = " | ".join(str(w.message) for w in caught)
-    assert "left 1 module(s) dense: 0: Conv2d with groups=4" in messages and "nothing to tensorize" in messages
+    picked = tensorize(nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Linear(4, 2)), rank=2, filter=["0"])
+    assert isinstance(picked[0], TTConv2d) and picked[0].groups == 4
 
 
 @pytest.mark.parametrize("conv", [

@@ -25,6 +25,10 @@ from .formats import FORMATS
 from .groups import core_groups
 from .layers import (CPConv2d, CPLinear, FactorizedTensor, TensorizedConv2d, TensorizedLinear, TRConv2d,
                      TRLinear, TTConv2d, TTLinear, TuckerConv2d, TuckerLinear, cached)
+from .layers import (CPConv1d, CPConv3d, TensorizedConv1d, TensorizedConv3d, TRConv1d, TRConv3d, TTConv1d,
+                     TTConv3d, TuckerConv1d, TuckerConv3d)
+from .layers import (CPEmbedding, TensorizedEmbedding, TiedEmbeddingHead, TREmbedding, TTEmbedding,
+                     TuckerEmbedding)
 from .metrics import norm_deviation, norm_report
 from .core_precondition import precondition_core_grads_
 from . import lr, metrics, models, optim, training
@@ -45,10 +49,13 @@ sys.modules[__name__ + ".summary"] = compression_report
 __version__ = "0.1.0"
 
 __all__ = ["FactorizedTensor", "TensorizedLinear", "TensorizedConv2d", "TTConv2d", "TRConv2d", "CPConv2d",
-           "TuckerConv2d", "TTLinear", "TRLinear", "CPLinear", "TuckerLinear", "core_groups", "norm_deviation",
+           "TuckerConv2d", "TTLinear", "TRLinear", "CPLinear", "TuckerLinear", "TensorizedConv1d", "TensorizedConv3d",
+           "TTConv1d", "TRConv1d", "CPConv1d", "TuckerConv1d", "TTConv3d", "TRConv3d", "CPConv3d", "TuckerConv3d",
+           "core_groups", "norm_deviation",
            "norm_report", "tensorize_dim", "FORMATS", "SAM", "XSAM", "GSAM", "DAS", "BAR", "tensorize", "summary",
            "to_dense",
            "set_strategy", "get_strategy", "lr", "models", "optim", "training", "adapters", "metrics",
            "adapt", "unadapt", "merge_adapters", "unmerge_adapters", "save_adapters", "load_adapters",
            "trainable_parameters", "cached",
-           "precondition_core_grads_"]
+           "precondition_core_grads_",
+           "TensorizedEmbedding", "TTEmbedding", "TREmbedding", "CPEmbedding", "TuckerEmbedding", "TiedEmbeddingHead"]

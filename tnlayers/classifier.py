@@ -13,7 +13,7 @@ The forward order is known only by running the model, so:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -37,12 +37,11 @@ def _call_args(example_inputs) -> Tuple[tuple, dict]:
                     f"got {type(example_inputs).__name__}")
 
 
-def last_applied(model: nn.Module, linears: List[nn.Module], example_inputs) -> Optional[nn.Module]:
-    """The Linear of ``linears`` whose forward ran last in one dry forward of ``model`` (None if none ran)."""
+def dry_forward(model: nn.Module, hooks: List[Tuple[nn.Module, Callable]], example_inputs) -> None:
+    """One forward of ``example_inputs`` in eval mode without gradients, ``hooks`` (module, forward hook
+    returning None) registered for it; the modes are restored after."""
     args, kwargs = _call_args(example_inputs)
-    order: List[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: order.append(mod))
-             for m in {id(m): m for m in linears}.values()]
+    hooks = [m.register_forward_hook(hook) for m, hook in hooks]
     # eval mode: a dry run must not update BatchNorm statistics or draw dropout masks
     flags = [(m, m.training) for m in model.modules()]
     try:
@@ -54,6 +53,13 @@ def last_applied(model: nn.Module, linears: List[nn.Module], example_inputs) -> 
             hook.remove()
         for m, flag in flags:
             m.training = flag
+
+
+def last_applied(model: nn.Module, linears: List[nn.Module], example_inputs) -> Optional[nn.Module]:
+    """The Linear of ``linears`` whose forward ran last in one dry forward of ``model`` (None if none ran)."""
+    order: List[nn.Module] = []
+    dry_forward(model, [(m, lambda mod, inp, out: order.append(mod)) for m in {id(m): m for m in linears}.values()],
+                example_inputs)
     return order[-1] if order else None
 
 

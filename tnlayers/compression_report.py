@@ -59,15 +59,35 @@ class Summary:
                 f"{size_change(self.params, self.dense_params)}); .table has the table>")
 
     @property
+    def budget_lines(self) -> List[str]:
+        """One line per ``rank="auto"`` budget: what was asked, what the layers sharing it use."""
+        groups: dict = {}
+        for r in self.rows:
+            if r["rank_by"] == "auto":
+                groups.setdefault((repr(r["budget"]), r["budget_of"]), []).append(r)
+        lines = []
+        for (budget, of), rows in groups.items():
+            params, dense = sum(r["params"] for r in rows), sum(r["dense_params"] for r in rows)
+            unit = "parameters" if of == "params" else "FLOPs at example_inputs"
+            asked = f"{float(budget):.4g} of their dense {unit}" if "." in budget else f"{int(budget):,} {unit}"
+            used = (f"{params:,} of {dense:,} parameters ({params / dense:.4g} of dense)" if of == "params" else
+                    f"{rows[0]['budget_used']:.4g} of the dense FLOPs; {params:,} of {dense:,} parameters")
+            lines.append(f"rank='auto': {len(rows)} layer(s), budget {asked}: {used}")
+        return lines
+
+    @property
     def table(self) -> str:
         """The table :func:`summary` prints: a row per tensorized layer, the layers left dense, the totals."""
-        header = ("layer", "format", "shape", "ranks", "params", "dense", "vs dense", "error", "Q")
+        chosen = any(r["rank_by"] for r in self.rows)  # the column only when some rank was chosen
+        header = ("layer", "format", "shape", "ranks", *(("rank by",) if chosen else ()), "params", "dense",
+                  "vs dense", "error", "Q")
         lines = [header]
         for r in self.rows:
             ranks = list(r["ranks"].values())
             ranks = str(ranks[0]) if len(set(ranks)) == 1 else str(ranks)
             error = "-" if r["error"] is None else f"{r['error']:.3g}"
-            lines.append((r["name"], r["format"], "x".join(map(str, r["shape"])), ranks, f"{r['params']:,}",
+            lines.append((r["name"], r["format"], "x".join(map(str, r["shape"])), ranks,
+                          *((r["rank_by"] or "given",) if chosen else ()), f"{r['params']:,}",
                           f"{r['dense_params']:,}", size_change(r["params"], r["dense_params"]), error,
                           f"{r['Q']:.3g}"))
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -75,6 +95,7 @@ class Summary:
         if self.larger:
             text.append(f"{len(self.larger)} of {len(self.rows)} tensorized layers are larger than dense: "
                         f"lower their rank, or leave them dense")
+        text.extend(self.budget_lines)
         if self.dense_layers:
             shown = ", ".join(self.dense_layers[:8]) + (", ..." if len(self.dense_layers) > 8 else "")
             text.append(f"left dense: {len(self.dense_layers)} Conv/Linear layer(s): {shown}")
@@ -87,17 +108,24 @@ def _row(name: str, layer: TensorizedLayer) -> dict:
     bias = 0 if layer.bias is None else layer.bias.numel()
     params = layer.network.num_params + bias
     dense = layer.dense_params  # what nn.Conv2d/nn.Linear would hold, bias included
+    choice = getattr(layer, "rank_choice", None)  # set by tensorize(rank="auto" | "vbmf" | "energy:...")
     return dict(name=name or "<model>", format=layer.format, shape=tuple(layer.network.modes), ranks=layer.ranks,
                 params=params, dense_params=dense, compression=dense / params,
                 error=getattr(layer, "decomposition_error", None),
+                rank_by=None if choice is None else choice.method,
+                estimated_error=None if choice is None else choice.estimated_error,
+                budget=None if choice is None else choice.budget,
+                budget_of=None if choice is None else choice.budget_of,
+                budget_used=None if choice is None else choice.used,
                 Q=float("nan") if layer.cores[0].is_meta else float(norm_deviation(layer.cores)))
 
 
 @torch.no_grad()
 def summary(model: nn.Module, print_table: bool = True) -> Summary:
-    """Every tensorized layer (name, format, tensorized shape, ranks, parameters against dense — "smaller"
-    or "larger" —, decomposition error if decomposed, norm deviation Q), the Conv/Linear layers left dense,
-    and the totals, dense vs tensorized. Prints the table unless ``print_table=False``, and returns a
+    """Every tensorized layer (name, format, tensorized shape, ranks, how they were chosen when
+    ``tensorize`` chose them — "auto", "vbmf", "energy:0.9" —, parameters against dense — "smaller" or
+    "larger" —, decomposition error if decomposed, norm deviation Q), the Conv/Linear layers left dense,
+    each ``rank="auto"`` budget against what its layers use, and the totals, dense vs tensorized. Prints the table unless ``print_table=False``, and returns a
     :class:`Summary` (``rows``, ``params``, ``dense_params``, ``dense_layers``, ``larger``, and ``table``, the
     printed text). Call it as a statement: the returned object prints as one line, not as the table again
     (``print(summary(model))`` shows the table once, then that line).

@@ -12,6 +12,8 @@ Each plan carries opt_einsum's FLOP estimate, which ``"auto"`` starts from (see 
 
 opt_einsum only plans: a :class:`Contraction` runs its pairwise steps as plain ``torch.einsum`` calls, so
 ``torch.compile(fullgraph=True)`` traces a layer's forward without entering opt_einsum (or numpy).
+A tensor ring's weight, where that path would hold an intermediate larger than the weight, is contracted
+in chunks of its closing bond instead (:mod:`tnlayers.ring_weight`).
 Design notes: docs/design.md, 'Contraction planning'.
 """
 from __future__ import annotations
@@ -25,12 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from .formats.network import Network, einsum_equation, mode_label
-from .conv_chain_cpu import from_pixels, pixel_map, to_pixels
+from .conv_chain_cpu import from_pixels, is_channels_last, pixel_map, to_pixels
+from .ring_weight import RingWeight, ring_order
 
-__all__ = ["Contraction", "expression", "LinearPlan", "ConvPlan"]
+__all__ = ["Contraction", "expression", "LinearPlan", "ConvPlan", "CONV_FUNCTIONS"]
 
 _BATCH = "_batch"  # label of the input's batch axis (never clashes with m*/r*)
 NOMINAL_ROWS = 1024  # batch size a linear layer's factorized path is planned for when it cannot be re-planned
+RING_CHUNKED_ABOVE = 1 << 20  # entries: a ring's weight path holding more than this and the weight is chunked
 
 
 def pairwise_steps(equation: str, path: Sequence[Sequence[int]]) -> Tuple[Tuple[Tuple[int, ...], str], ...]:
@@ -75,6 +79,11 @@ class Contraction:
         self.equation = equation
         self.cost = int(info.opt_cost)
         self.steps = pairwise_steps(equation, path)
+        size = {label: n for term, shape in zip(equation.split("->")[0].split(","), shapes)
+                for label, n in zip(term, shape)}
+        # entries of the largest tensor a step makes (the result included): what the contraction holds at most
+        self.largest = max([prod(size[c] for c in step.split("->")[1]) for _, step in self.steps]
+                           + [prod(shape) for shape in shapes])
 
     def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
         work = list(operands)
@@ -116,8 +125,15 @@ class _Plan:
         self.out_modes = [m for m, r in zip(labels, roles) if r == "out"]
         self.spatial_modes = [m for m, r in zip(labels, roles) if r == "spatial"]
         self.shapes = tuple(tuple(s) for s in net.shapes)
-        eq = net.equation(self.out_modes + self.in_modes + self.spatial_modes)
-        self._weight_expr, self.weight_cost = expression(eq, self.shapes)
+        order = self.out_modes + self.in_modes + self.spatial_modes
+        self._weight_expr, self.weight_cost = expression(net.equation(order), self.shapes)
+        # a tensor ring whose pairwise path holds more than the weight, and more than a few MiB: chunked over
+        # its closing bond instead (small layers keep the few einsums, which run faster than the chunks)
+        ring = ring_order(net, order)
+        if ring is not None and self._weight_expr.largest > max(prod(net.modes), RING_CHUNKED_ABOVE):
+            chunked = RingWeight(net, ring)
+            if chunked.largest < self._weight_expr.largest:
+                self._weight_expr, self.weight_cost = chunked, chunked.cost
 
     def size(self, labels) -> int:
         return prod([self.net.sizes[label] for label in labels])
@@ -158,15 +174,29 @@ class LinearPlan(_Plan):
         return expr(*_under_autocast([xs, *cores])).reshape(batch, self.size(self.out_modes))
 
 
-class ConvPlan(_Plan):
-    """Conv2d through the cores: input-side 1x1 maps -> one (grouped) k x k conv -> output-side 1x1 maps."""
+CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}  # by the number of spatial dims
+# whether the kernel conv of a 1-, 2-, 3-D chain gets channels-last input. Measured (one thread, 32-64 channels,
+# Tucker/CP/TT, fwd+bwd and inference): 3-D 0.40-0.97x the time of channels-first; 1-D 0.65-1.50x, mostly slower
+_MIDDLE_CHANNELS_LAST = {1: False, 2: True, 3: True}
 
-    def __init__(self, net: Network, roles: Sequence[str], kernel_size: Tuple[int, int]):
+
+class ConvPlan(_Plan):
+    """ConvNd through the cores: input-side 1x1 maps -> one (grouped) kernel conv -> output-side 1x1 maps, for 1, 2
+    or 3 spatial dims (the length of ``kernel_size``). With ``groups`` > 1 the cores hold the stacked weight
+    (C_out, C_in / groups, k...), and the three steps are grouped convs. A layout with no input modes (a depthwise
+    conv's, one input channel per group) has no such chain (``supported`` False): it runs dense."""
+
+    def __init__(self, net: Network, roles: Sequence[str], kernel_size: Tuple[int, ...], groups: int = 1):
         super().__init__(net, roles)
-        self.kernel_size = kernel_size
+        self.kernel_size = tuple(kernel_size)
+        self.groups = groups
         role_of = dict(zip([mode_label(i) for i in range(len(roles))], roles))
         sides = {"in": [], "out": [], "kernel": []}
-        self.supported = True
+        # No input modes (a depthwise conv's layout): any chain applies the kernel to each channel before the
+        # channel map, rank x the dense conv's work at least (measured 10-90x its time): dense only.
+        self.supported = "in" in roles
+        if not self.supported:
+            return
         for k, labels in enumerate(net.cores):
             core_roles = {role_of[label] for label in labels if label in role_of}
             if len(core_roles) > 1:  # a core mixing input/output/spatial modes: no such factorized chain
@@ -194,52 +224,69 @@ class ConvPlan(_Plan):
         eq = einsum_equation([self.net.cores[k] for k in cores], output)
         return expression(eq, tuple(self.shapes[k] for k in cores))
 
-    def costs(self, batch: int, h: int, w: int, h_out: int, w_out: int) -> Tuple[int, int]:
-        """(dense, factorized) FLOP estimates for an input (batch, C_in, h, w) giving (h_out, w_out)."""
-        taps = prod(self.kernel_size)
-        c_in, c_out = self.size(self.in_modes), self.size(self.out_modes)
-        dense = self.weight_cost + 2 * batch * h_out * w_out * c_in * c_out * taps
+    def costs(self, batch: int, *sizes: int) -> Tuple[int, int]:
+        """(dense, factorized) FLOP estimates for an input (batch, C_in, *in sizes) giving the out sizes:
+        ``sizes`` are the input's spatial sizes then the output's (``costs(batch, h, w, h_out, w_out)``)."""
+        n = len(self.kernel_size)
+        if len(sizes) != 2 * n:
+            raise ValueError(f"costs takes {n} input and {n} output spatial sizes, got {sizes!r}")
+        pixels, pixels_out, taps, g = prod(sizes[:n]), prod(sizes[n:]), prod(self.kernel_size), self.groups
+        c_in, c_out = self.size(self.in_modes), self.size(self.out_modes)  # c_in: channels per group
+        dense = self.weight_cost + 2 * batch * pixels_out * c_in * c_out * taps
         if not self.supported:
             return dense, None
-        maps = 2 * batch * (h * w * c_in * self.size(self.mid_in) + h_out * w_out * self.size(self.mid_out) * c_out)
-        conv = 2 * batch * self.size(self.pass_) * h_out * w_out * self.size(self.depth) \
+        maps = 2 * batch * (g * pixels * c_in * self.size(self.mid_in) + pixels_out * self.size(self.mid_out) * c_out)
+        conv = 2 * batch * g * self.size(self.pass_) * pixels_out * self.size(self.depth) \
             * self.size(self.outof) * self.size(self.into) * taps
         return dense, self.in_cost + self.kernel_cost + self.out_cost + maps + conv
 
     def factorized(self, x: torch.Tensor, cores: Sequence[torch.Tensor], conv_args: dict, bias=None) -> torch.Tensor:
-        """``x``: (B, C_in, H, W), already padded if the padding mode is not zeros. The bias goes into the
+        """``x``: (B, C_in, *spatial), already padded if the padding mode is not zeros. The bias goes into the
         last 1x1 conv (one pass over the output fewer than adding it after)."""
-        batch, c_in, h, w = x.shape
+        batch, c_in, spatial, n = x.shape[0], x.shape[1], x.shape[2:], x.dim() - 2
         x, *cores = _under_autocast([x, *cores])
         pick = lambda side: [cores[k] for k in self.sides[side]]  # noqa: E731
-        m_in = self._in_expr(*pick("in")).reshape(self.size(self.mid_in), c_in)
-        passing = self.size(self.pass_)
-        # Channels-last into the k x k conv, unless a ring's passing bond is folded into the batch (needs NCHW).
-        t = _pointwise(x, m_in, None, channels_last=passing == 1)  # (B, pass*depth*into, H, W)
-        groups = self.size(self.depth)
-        if passing > 1:
-            t = t.reshape(batch * passing, groups * self.size(self.into), h, w)
-        kernel = self._kernel_expr(*pick("kernel")).reshape(groups * self.size(self.outof), self.size(self.into),
+        passing, depth = self.size(self.pass_), self.size(self.depth)
+        kernel = self._kernel_expr(*pick("kernel")).reshape(depth * self.size(self.outof), self.size(self.into),
                                                             *self.kernel_size)
-        y = F.conv2d(t, kernel, None, groups=groups, **conv_args)
-        if passing > 1:
-            y = y.reshape(batch, self.size(self.mid_out), *y.shape[-2:])
         m_out = self._out_expr(*pick("out")).reshape(self.size(self.out_modes), self.size(self.mid_out))
-        bias = None if bias is None else bias.to(y.dtype)
-        x_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        bias = None if bias is None else bias.to(x.dtype)
+        if self.groups > 1:
+            return self._grouped(x, pick, kernel, m_out, conv_args, bias)
+        m_in = self._in_expr(*pick("in")).reshape(self.size(self.mid_in), c_in)
+        # Channels-last into the kernel conv, unless a ring's passing bond is folded into the batch (needs
+        # channels-first).
+        t = _pointwise(x, m_in, None, channels_last=passing == 1 and _MIDDLE_CHANNELS_LAST[n])
+        if passing > 1:
+            t = t.reshape(batch * passing, depth * self.size(self.into), *spatial)
+        y = CONV_FUNCTIONS[n](t, kernel, None, groups=depth, **conv_args)
+        if passing > 1:
+            y = y.reshape(batch, self.size(self.mid_out), *y.shape[2:])
+        x_last = n > 1 and is_channels_last(x)  # (nn.Conv1d gives channels-first output whatever its input)
         return _pointwise(y, m_out, bias, channels_last=x_last)  # in the input's layout, as nn.Conv2d
+
+    def _grouped(self, x, pick, kernel, m_out, conv_args, bias):
+        """groups > 1: three grouped convs, the small matrices and the kernel repeated per group. (Folding the
+        groups into the batch instead, B*groups images of C_in/groups channels, ran 5-50x slower on oneDNN.)"""
+        n, g, passing, depth = x.dim() - 2, self.groups, self.size(self.pass_), self.size(self.depth)
+        ones = (1,) * n
+        m_in = self._in_expr(*pick("in")).reshape(self.size(self.mid_in), x.shape[1] // g)
+        t = CONV_FUNCTIONS[n](x, m_in.repeat(g, 1).reshape(g * m_in.shape[0], m_in.shape[1], *ones), groups=g)
+        # channels (group, pass, depth, into): one kernel group per (group, pass, depth), the kernel shared
+        y = CONV_FUNCTIONS[n](t, kernel.repeat(g * passing, *(1,) * (n + 1)), None, groups=g * passing * depth,
+                              **conv_args)
+        return CONV_FUNCTIONS[n](y, m_out.reshape(*m_out.shape, *ones), bias, groups=g)
 
 
 def _pointwise(x: torch.Tensor, matrix: torch.Tensor, bias, channels_last: bool) -> torch.Tensor:
-    """1x1 map of (B, C, H, W) by a (C_out, C) matrix, the result in the layout asked for.
+    """1x1 map of (B, C, *spatial) by a (C_out, C) matrix, the result in the layout asked for.
 
-    On CPU, from or to NCHW: one batched GEMM over the pixels (:mod:`tnlayers.conv_chain_cpu`). A factorized layer's
-    fwd+bwd runs 7-20% faster than with oneDNN's 1x1 convs, and the k x k conv gets channels-last input without
-    a copy. Not ``torch.matmul``: broadcasting a 2-D matrix, it copies the input to fold the batch, 2-4x
-    slower. Channels-last to channels-last, oneDNN's 1x1 conv is ~10% faster than the GEMMs (inference);
+    On CPU, from or to channels-first: one batched GEMM over the pixels (:mod:`tnlayers.conv_chain_cpu`). A
+    factorized Conv2d's fwd+bwd runs 7-20% faster than with oneDNN's 1x1 convs, and the k x k conv gets channels-last
+    input without a copy. Not ``torch.matmul``: broadcasting a 2-D matrix, it copies the input to fold the batch,
+    2-4x slower. Channels-last to channels-last, oneDNN's 1x1 conv is ~10% faster than the GEMMs (inference);
     on CUDA cuDNN's 1x1 conv reads either layout in place (a GEMM there is unmeasured)."""
     if x.device.type != "cpu" or (channels_last and not x.is_contiguous()):
-        return F.conv2d(x, matrix.reshape(*matrix.shape, 1, 1), bias)
-    h, w = x.shape[-2:]
+        return CONV_FUNCTIONS[x.dim() - 2](x, matrix.reshape(*matrix.shape, *(1,) * (x.dim() - 2)), bias)
     pixels, x_last = to_pixels(x)
-    return from_pixels(pixel_map(pixels, matrix, bias, x_last, channels_last), channels_last, h, w)
+    return from_pixels(pixel_map(pixels, matrix, bias, x_last, channels_last), channels_last, *x.shape[2:])

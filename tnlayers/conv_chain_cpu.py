@@ -1,9 +1,10 @@
 """1x1 maps of a factorized conv chain as batched GEMMs over the pixels, in either memory layout.
 
-An activation (B, C, H, W) is held here as its pixels (B, C, P), P = H*W, stored either NCHW-contiguous or
-channels-last (then ``x.mT`` of a contiguous (B, P, C)). A map ``y = matrix @ x`` can write ``y`` in either
-layout, so the chain's middle k x k conv gets channels-last input, which oneDNN runs 2-8x faster than NCHW at
-the odd channel counts ranks give (depthwise too), without a copy to convert it.
+An activation (B, C, *spatial) (1, 2 or 3 spatial dims: (B, C, H, W) for a Conv2d) is held here as its pixels
+(B, C, P), P = the product of the spatial sizes, stored either channels-first contiguous or channels-last (then
+``x.mT`` of a contiguous (B, P, C)). A map ``y = matrix @ x`` can write ``y`` in either layout, so the chain's
+middle k x k conv gets channels-last input, which oneDNN runs 2-8x faster than NCHW at the odd channel counts
+ranks give (depthwise too), without a copy to convert it.
 
 Why a custom autograd function: autograd of the plain ``bmm`` hands back ``x``'s gradient in ``y``'s layout,
 so a chain turning NCHW input into channels-last would give the layer below a transposed gradient (a copy
@@ -14,24 +15,33 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["to_pixels", "from_pixels", "pixel_map"]
+__all__ = ["to_pixels", "from_pixels", "pixel_map", "is_channels_last"]
 
 
 def to_pixels(x: torch.Tensor):
-    """(B, C, H, W) -> (stored pixels, channels_last): stored (B, C, P) for NCHW, (B, P, C) for channels-last.
-    Other strides are made channels-last contiguous (one copy)."""
-    batch, channels, h, w = x.shape
+    """(B, C, *spatial) -> (stored pixels, channels_last): stored (B, C, P) for channels-first contiguous, (B, P, C)
+    for channels-last. Other strides are made channels-last contiguous (one copy)."""
+    batch, channels = x.shape[:2]
     if x.is_contiguous():
-        return x.reshape(batch, channels, h * w), False
-    x = x.contiguous(memory_format=torch.channels_last)
-    return x.permute(0, 2, 3, 1).reshape(batch, h * w, channels), True
+        return x.reshape(batch, channels, -1), False
+    return x.movedim(1, -1).contiguous().reshape(batch, -1, channels), True  # a view when x is channels-last
 
 
-def from_pixels(y: torch.Tensor, channels_last: bool, h: int, w: int) -> torch.Tensor:
-    """Inverse of :func:`to_pixels`: a (B, C, H, W) view of stored pixels."""
+def from_pixels(y: torch.Tensor, channels_last: bool, *spatial: int) -> torch.Tensor:
+    """Inverse of :func:`to_pixels`: a (B, C, *spatial) view of stored pixels."""
     if channels_last:
-        return y.reshape(y.shape[0], h, w, y.shape[2]).permute(0, 3, 1, 2)
-    return y.reshape(y.shape[0], y.shape[1], h, w)
+        return y.reshape(y.shape[0], *spatial, y.shape[2]).movedim(-1, 1)
+    return y.reshape(y.shape[0], y.shape[1], *spatial)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` (B, C, *spatial) is stored channels-last and not also channels-first contiguous; for one spatial
+    dim (no torch memory format), whether it is the transpose of a contiguous (B, L, C)."""
+    if x.is_contiguous():
+        return False
+    if x.dim() == 3:
+        return x.mT.is_contiguous()
+    return x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
 
 
 def _gemm(x: torch.Tensor, matrix: torch.Tensor, x_last: bool, y_last: bool) -> torch.Tensor:

@@ -92,6 +92,9 @@ def resolve_rank(rank, num_params: Callable[[int], int], dense_params: int, wher
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if num_params(mid) <= budget else (lo, mid)
         return lo
+    if isinstance(rank, str) and (rank in ("auto", "vbmf") or rank.startswith("energy:")):
+        raise TypeError(f"rank={rank!r} is chosen from a model's weights by tnlayers.tensorize(model, rank={rank!r}, "
+                        f"init='decompose'); a layer takes an int, a sequence of ints or a float in (0, 1]")
     if isinstance(rank, (str, bytes)) or not isinstance(rank, (Integral, Sequence)):
         raise TypeError(f"rank must be an int, a sequence of ints or a float in (0, 1], got {rank!r}")
     return rank

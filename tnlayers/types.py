@@ -20,9 +20,9 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, T
 import torch
 from torch import nn
 
-__all__ = ["Device", "DType", "IntOrPair", "Padding", "Shape", "Rank", "TensorRank", "LayerRank", "FormatSpec",
-           "Filter", "LayerShapes", "ExampleInputs", "TargetModules", "Params", "BaseOptimizer", "Alpha", "LossFn",
-           "PathLike"]
+__all__ = ["Device", "DType", "IntOrPair", "IntOrTuple", "Padding", "Shape", "Rank", "TensorRank", "LayerRank",
+           "FormatSpec", "Filter", "LayerShapes", "ExampleInputs", "TargetModules", "Params", "BaseOptimizer", "Alpha",
+           "LossFn", "PathLike"]
 
 # -- layers ------------------------------------------------------------------------------------------------
 Device = Union[torch.device, str, int, None]
@@ -31,8 +31,11 @@ DType = Optional[torch.dtype]
 """A floating-point dtype, or None for the default one."""
 IntOrPair = Union[int, Tuple[int, int]]
 """``kernel_size``, ``stride``, ``dilation``: an int or an (h, w) pair, as ``nn.Conv2d`` takes them."""
-Padding = Union[int, Tuple[int, int], str]
-"""An int, an (h, w) pair, ``"same"`` or ``"valid"``, as ``nn.Conv2d`` takes it."""
+IntOrTuple = Union[int, Tuple[int, ...]]
+"""``kernel_size``, ``stride``, ``dilation`` of a conv of any dims: an int or one int per spatial dim, as
+``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d`` take them."""
+Padding = Union[int, Tuple[int, ...], str]
+"""An int, one int per spatial dim, ``"same"`` or ``"valid"``, as ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d`` take it."""
 Shape = Sequence[int]
 """A tensorization of a dimension (``in_shape=(4, 4, 2)`` for 32 channels): positive ints, product = dim."""
 Rank = Union[int, float, Sequence[Optional[int]]]
@@ -45,7 +48,8 @@ tensor at most)."""
 # -- whole-model transformations (per layer: a value, a {name or glob: value} mapping, or a callable) ------
 LayerRank = Union[Rank, Mapping[str, Rank], Callable[[str, nn.Module], Rank]]
 """``tensorize``'s ``rank``: one :data:`Rank` for every layer, ``{name or glob: rank}``, or
-``(name, module) -> rank``."""
+``(name, module) -> rank``; with ``init="decompose"`` also ``"auto"`` (with ``budget=``), ``"energy:0.9"`` or
+``"vbmf"`` (``tnlayers.rank_selection``)."""
 FormatSpec = Union[str, Mapping[str, str], Callable[[str, nn.Module], str]]
 """``tensorize``'s ``format``: ``"tt"``, ``"tr"``, ``"cp"`` or ``"tucker"``, per layer as :data:`LayerRank`."""
 Filter = Union[Callable[[str, nn.Module], bool], str, Sequence[str], None]

@@ -28,15 +28,18 @@ class LayerLayout:
     in_shape: Tuple[int, ...]
     out_shape: Tuple[int, ...]
     fan_in: int  # in_dim * kernel area: what the init's std is scaled by
-    dense_params: int  # weight and bias of the nn.Linear / nn.Conv2d the layer stands for
+    dense_params: int  # weight and bias of the nn.Linear / nn.Conv1d/2d/3d the layer stands for
 
 
 def layer_layout(owner: str, fixed_format: Optional[str], kind: str, format: Optional[str], in_dim: int,
-                 out_dim: int, kernel: Sequence[int], rank, in_shape, out_shape, bias: bool) -> LayerLayout:
+                 out_dim: int, kernel: Sequence[int], rank, in_shape, out_shape, bias: bool, *,
+                 depthwise: bool = False) -> LayerLayout:
     """The layout of layer class ``owner`` (its name, for messages) of ``kind`` ("linear"/"conv") whose
     class fixes ``fixed_format`` (None for the generic classes). ``in_dim``/``out_dim`` are plain positive
-    ints (checked by the caller); ``kernel`` is () for a linear layer. Warns once per configuration when the
-    factorization is larger than the dense layer."""
+    ints (checked by the caller; a grouped conv's ``in_dim`` is its channels per group); ``kernel`` is () for a
+    linear layer, one size per spatial dim for a conv. ``depthwise``: one input channel per group, so the
+    network has no input modes (over the kernel and the output channels only: it factorizes across
+    channels). Warns once per configuration when the factorization is larger than the dense layer."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if format is None:
@@ -49,7 +52,10 @@ def layer_layout(owner: str, fixed_format: Optional[str], kind: str, format: Opt
     if not isinstance(bias, bool):
         raise TypeError(f"bias must be True or False, got {bias!r}")
     split = fmt.SPLIT_CHANNELS[kind]
-    in_shape = optional_shape(in_shape, in_dim, "in_shape", split)
+    if depthwise and in_shape is not None:
+        raise ValueError(f"in_shape: {owner} is depthwise (one input channel per group), its network has no input "
+                         f"modes; leave in_shape out, got {in_shape!r}")
+    in_shape = () if depthwise else optional_shape(in_shape, in_dim, "in_shape", split)
     out_shape = optional_shape(out_shape, out_dim, "out_shape", split)
     kernel = tuple(kernel)
     spatial = ((prod(kernel),) if fmt.MERGE_SPATIAL else kernel) if kernel else ()
@@ -57,7 +63,7 @@ def layer_layout(owner: str, fixed_format: Optional[str], kind: str, format: Opt
     roles = ("in",) * len(in_shape) + ("spatial",) * len(spatial) + ("out",) * len(out_shape)
     dense_weight, bias_params = in_dim * out_dim * prod(kernel), (out_dim if bias else 0)
     dense_params = dense_weight + bias_params
-    dense_name = f"dense nn.{'Linear' if kind == 'linear' else 'Conv2d'}"
+    dense_name = f"dense nn.{'Linear' if kind == 'linear' else f'Conv{len(kernel)}d'}"
     rank = resolve_rank(rank, lambda r: fmt.network(modes, fmt.layer_rank(r, roles)).num_params,
                         dense_weight, where=f" for {owner}")
     net = build_network(fmt, modes, rank, roles, dense_params, dense_name)

@@ -1,5 +1,5 @@
-"""The one generic tensorized layer; ``TensorizedLinear`` and ``TensorizedConv2d`` only add how the
-input is applied. Modes are ordered (input modes..., spatial modes..., output modes...).
+"""The one generic tensorized layer; ``TensorizedLinear`` and the convs (``TensorizedConv1d/2d/3d``) only add
+how the input is applied. Modes are ordered (input modes..., spatial modes..., output modes...).
 
 What the layer holds itself: its cores and bias, the weight they make, decomposition into them, and its
 forward. What it delegates: checking its arguments and laying out its network (``layout.py``), the
@@ -29,16 +29,16 @@ class TensorizedLayer(CoreModule):
     FORMAT = None  # set by the thin named classes (TTConv2d: "tt", ...)
     KIND = None  # "linear" | "conv"
     cache_weight = True  # reuse the dense weight while no core changes, when no graph needs it
-    dense_params: int  # parameters of the nn.Linear / nn.Conv2d this layer stands for (weight and bias)
+    dense_params: int  # parameters of the nn.Linear / nn.ConvNd this layer stands for (weight and bias)
     _weight_cache = None
     last_strategy = None  # the strategy the last eager forward ran ("dense" or "factorized")
 
     def _setup(self, format, in_dim: int, out_dim: int, kernel: Tuple[int, ...], rank, in_shape, out_shape,
-               bias: bool, strategy: str, device, dtype, weight_std) -> None:
+               bias: bool, strategy: str, device, dtype, weight_std, depthwise: bool = False) -> None:
         check_strategy(strategy)  # (in_dim/out_dim: plain positive ints, checked by the subclass)
         self.weight_std = check_weight_std(weight_std)
         layout = layer_layout(type(self).__name__, self.FORMAT, self.KIND, format, in_dim, out_dim, kernel, rank,
-                              in_shape, out_shape, bias)
+                              in_shape, out_shape, bias, depthwise=depthwise)
         self.in_shape, self.out_shape, self.roles = layout.in_shape, layout.out_shape, layout.roles
         self.fan_in, self.dense_params = layout.fan_in, layout.dense_params
         self._init_cores(layout.network, device, dtype)
