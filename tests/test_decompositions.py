@@ -343,3 +343,17 @@ def test_from_dense_reports_its_true_error_and_is_deterministic(fmt):
     truth = float((a.weight.double() - dense.weight.double()).norm() / dense.weight.double().norm())
     assert 0 < truth < 1 and abs(a.decomposition_error - truth) < 1e-6
     assert all(torch.equal(p, q) for p, q in zip(a.cores, b.cores))
+
+
+def test_full_rank_cuts_reuse_no_memory_and_return_cores_of_their_own():
+    """Cuts that keep every row take the identity basis (no copy of the carry); the cores still rebuild the tensor
+    exactly, and none of them is a view of the input (writing into one leaves the input as it was)."""
+    x = tensor_of((3, 4, 5), 0)
+    before = x.clone()
+    out = tt_svd(x, [3, 15])  # both cuts keep every row
+    torch.testing.assert_close(torch.einsum("aib,bjc,ckd->ijk", *out.cores), x, atol=1e-12, rtol=0)
+    for core in out.cores:
+        core.add_(1.0)
+    torch.testing.assert_close(x, before, atol=0, rtol=0)
+    np.testing.assert_allclose(out.spectra["r1"].numpy(), np.linalg.svd(before.reshape(3, -1).numpy(),
+                                                                       compute_uv=False), atol=1e-10)

@@ -100,12 +100,16 @@ def _top_eigenvectors(gram: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 @mostly_one_thread
-def leading_subspace(matrix: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def leading_subspace(matrix: torch.Tensor, rank: int, reuse: bool = False
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(basis, carry, spectrum)`` for an m x n ``matrix``: ``basis`` (m x k, orthonormal columns,
     k = min(rank, m, n)) spans its leading k left singular vectors, ``carry = basis^T matrix`` (k x n), so
     ``basis @ carry`` is the best rank-k approximation; ``spectrum``: all min(m, n) singular values, descending.
     A 3-d ``matrix`` (a, m, n) stands for the m x (a n) matrix [C_0, ..., C_{a-1}] of its blocks, without
     forming it (TR-SVD's unfoldings, whose column index ends with r_0, are such); ``carry`` is then (a, k, n).
+    ``reuse=True`` (for callers that own ``matrix``): when every row is kept (k = m <= the columns) the basis is
+    the identity and ``carry`` is ``matrix`` itself, not a rotated copy of it — the full-rank first cuts of
+    TT-SVD/TR-SVD then cost no memory.
 
         >>> A = torch.randn(6, 2, dtype=torch.float64) @ torch.randn(2, 9, dtype=torch.float64)
         >>> basis, carry, spectrum = leading_subspace(A, 2)
@@ -115,6 +119,9 @@ def leading_subspace(matrix: torch.Tensor, rank: int) -> Tuple[torch.Tensor, tor
     blocks = matrix if matrix.ndim == 3 else matrix[None]
     a, m, n = blocks.shape
     k = min(rank, m, a * n)
+    if reuse and k == m <= a * n:  # nothing is cut: any orthonormal basis is optimal, the identity is free
+        spectrum = torch.linalg.eigvalsh(mode_gram(blocks, 1)).flip(0).clamp_min(0.0).sqrt()
+        return torch.eye(m, dtype=blocks.dtype, device=blocks.device), matrix, spectrum
     if m <= a * n:
         basis, spectrum = _top_eigenvectors(mode_gram(blocks, 1), k)  # the sum of the C_i C_i^T
     else:  # tall: the Gram of the (fewer) columns; forming the unfolding copies at most A

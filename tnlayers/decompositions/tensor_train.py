@@ -35,6 +35,12 @@ def _check_ranks(tensor: torch.Tensor, ranks: Sequence[int], count: int, name: s
     return ranks
 
 
+def _owned(core: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``core``, copied if it is a view of the input (every cut kept all rows: the carry was the input itself)."""
+    same = core.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+    return core.clone() if same else core
+
+
 def _sweep(carry: torch.Tensor, modes: Sequence[int], ranks: Sequence[int], first_bond: int,
            cores: List[torch.Tensor], spectra: dict) -> torch.Tensor:
     """TT-SVD steps over ``modes[:-1]``; ``carry`` is (a, r_prev * n, rest): a blocks side by side (TR-SVD's
@@ -42,7 +48,9 @@ def _sweep(carry: torch.Tensor, modes: Sequence[int], ranks: Sequence[int], firs
     Returns the last carry (a, r, n_last)."""
     a = carry.shape[0]
     for k, (n, rank) in enumerate(zip(modes[:-1], ranks)):
-        basis, carry, spectrum = leading_subspace(carry, rank)
+        # a cut keeping every row may take any orthonormal basis: the next unfolding's rows are then rotated,
+        # which changes none of its singular values; the identity costs no copy
+        basis, carry, spectrum = leading_subspace(carry, rank, reuse=True)
         r = basis.shape[1]
         cores.append(basis.reshape(-1, n, r))
         spectra[f"r{first_bond + k}"] = spectrum
@@ -90,7 +98,7 @@ def tt_svd(tensor: torch.Tensor, ranks: Sequence[int]) -> Decomposition:
     cores: List[torch.Tensor] = []
     spectra: dict = {}
     last = _sweep(tensor.reshape(1, tensor.shape[0], -1), tensor.shape, ranks, 1, cores, spectra)
-    cores.append(last.permute(1, 2, 0))
+    cores.append(_owned(last.permute(1, 2, 0), tensor))
     return Decomposition(cores, spectra)
 
 
@@ -115,11 +123,13 @@ def tr_svd(tensor: torch.Tensor, ranks: Sequence[int]) -> Decomposition:
     if r0 * r1 > min(n, rest):
         raise ValueError(f"tr_svd: rank[0] * rank[1] = {r0 * r1} is larger than the first unfolding allows "
                          f"(min({n}, {rest}) = {min(n, rest)}); lower rank[0] or rank[1]")
+    # not reuse=True: which r_0 r_1 vectors the first cut keeps, and how they split into r_0 and r_1, shapes
+    # the later cuts even when nothing is truncated
     basis, carry, spectrum = leading_subspace(tensor.reshape(n, rest), r0 * r1)
     cores = [basis.reshape(n, r0, r1).permute(1, 0, 2).contiguous()]
     spectra = {"r1": spectrum}
     # carry rows are (r_0, r_1): r_0 becomes the batch of blocks, r_1 n_2 the next unfolding's rows
     carry = carry.reshape(r0, r1 * tensor.shape[1], -1)
     last = _sweep(carry, tensor.shape[1:], ranks[2:], 2, cores, spectra)
-    cores.append(last.permute(1, 2, 0).contiguous())  # (r_{d-1}, n_d, r_0)
+    cores.append(_owned(last.permute(1, 2, 0).contiguous(), tensor))  # (r_{d-1}, n_d, r_0)
     return Decomposition(cores, spectra)
