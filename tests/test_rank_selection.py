@@ -253,3 +253,14 @@ def test_a_flops_budget_counts_each_layer_at_its_input():
 def test_flops_budget_refusals(kwargs, error, match):
     with pytest.raises(error, match=match):
         tnlayers.tensorize(_cnn(), format="tt", rank="auto", budget=0.3, init="decompose", **kwargs)
+
+
+def test_auto_on_an_embedding_tt_works_and_tucker_says_what_to_do():
+    model = nn.Sequential(nn.Embedding(1000, 64), nn.Linear(64, 64), nn.Linear(64, 10))
+    tt = tnlayers.tensorize(model, format="tt", rank="auto", budget=0.2, init="decompose", inplace=False)
+    report = tnlayers.summary(tt, print_table=False)
+    assert [r["rank_by"] for r in report.rows] == ["auto", "auto"]
+    used = sum(r["params"] for r in report.rows) / sum(r["dense_params"] for r in report.rows)
+    assert 0.99 * 0.2 <= used <= 0.2
+    with pytest.raises(ValueError, match="Tucker curves are for two factored modes"):
+        tnlayers.tensorize(model, format="tucker", rank="auto", budget=0.2, init="decompose", inplace=False)

@@ -135,6 +135,10 @@ class Candidate:
 
 
 def _curve(c: Candidate, limit: int, options: dict) -> LayerCurve:
+    if c.fmt.NAME == "tucker" and c.bonds() != 2:
+        raise ValueError(f"rank selection for {c.name!r}: Tucker curves are for two factored modes (Tucker-2 of a conv "
+                         f"or linear layer), and this layer has {c.bonds()} (e.g. a Tucker embedding); give it an int "
+                         f"or float rank in a rank mapping, or use format='tt' for it")
     return error_curve(c.weight, c.fmt.NAME, c.network_of, limit, options, c.value_of, c.bonds())
 
 
