@@ -5,14 +5,11 @@ that a network of small layers pays many times. The profiler adds a few microsec
 dense and tensorized layers alike."""
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
-
-from _memory import keep_freed_memory
 
 TOP_OPS = 12
 LABELS = ("module::", "step::")
@@ -48,16 +45,10 @@ def _device_self(avg) -> float:
     return getattr(avg, "self_device_time_total", getattr(avg, "self_cuda_time_total", 0.0))
 
 
-def profile_child(spec: dict, build, batch_of, sgd: dict) -> dict:
-    """Profile ``spec["steps"]`` train steps of one model (after eager warm-up steps, so "auto" has decided)."""
-    device = torch.device(spec["device"])
-    if device.type == "cpu":
-        torch.set_num_threads(spec["threads"])
-    if spec["keep_freed_memory"]:
-        keep_freed_memory()
-    model = build(spec["model"], spec["format"], spec["rank"], device)
-    x, y = batch_of(spec["model"], argparse.Namespace(batch=spec["batch"], size=spec["size"]), device)
-    opt = torch.optim.SGD(model.parameters(), **sgd)
+def profile_child(spec: dict, prepare) -> dict:
+    """Profile ``spec["steps"]`` train steps of one model (after eager warm-up steps, so "auto" has decided);
+    ``prepare(spec)`` gives (device, model, x, y, optimizer), as for the timed runs."""
+    device, model, x, y, opt = prepare(spec)
 
     def step():
         opt.zero_grad(set_to_none=True)

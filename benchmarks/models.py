@@ -195,17 +195,21 @@ def strategies(model) -> dict:
     return counts
 
 
-def child(spec: dict) -> dict:
-    """One configuration in this process: the timed calls, memory and, for compile, the compile time."""
+def prepare(spec: dict):
+    """(device, model, x, y, SGD optimizer) of one configuration, with this process's threads and allocator set."""
     device = torch.device(spec["device"])
     if device.type == "cpu":
         torch.set_num_threads(spec["threads"])
     if spec["keep_freed_memory"]:
         keep_freed_memory()
     model = build(spec["model"], spec["format"], spec["rank"], device)
-    args = argparse.Namespace(batch=spec["batch"], size=spec["size"])
-    x, y = batch_of(spec["model"], args, device)
-    opt = torch.optim.SGD(model.parameters(), **SGD)
+    x, y = batch_of(spec["model"], argparse.Namespace(batch=spec["batch"], size=spec["size"]), device)
+    return device, model, x, y, torch.optim.SGD(model.parameters(), **SGD)
+
+
+def child(spec: dict) -> dict:
+    """One configuration in this process: the timed calls, memory and, for compile, the compile time."""
+    device, model, x, y, opt = prepare(spec)
     memory = PeakMemory(device)
     out = dict(spec=spec, params=sum(p.numel() for p in model.parameters()), batch=x.shape[0], size=x.shape[-1])
     # eager first calls: "auto" decides here (timing both strategies once per shape and grad mode)
@@ -351,7 +355,7 @@ def main(argv=None) -> None:
         return
     if args.profile_child:
         from _profile_model import profile_child
-        print(json.dumps(profile_child(json.loads(args.profile_child), build, batch_of, SGD)))
+        print(json.dumps(profile_child(json.loads(args.profile_child), prepare)))
         return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available")

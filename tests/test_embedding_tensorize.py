@@ -12,6 +12,7 @@ from torch import nn
 import tnlayers
 from test_embedding import reference_table
 from tnlayers import TiedEmbeddingHead, TTEmbedding
+from _tiny_lm import tied_gpt2 as gpt2
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,15 +28,6 @@ class Recommender(nn.Module):
 
     def forward(self, ids):
         return self.fc(torch.relu(self.tower(self.items(ids).mean(1))))
-
-
-def gpt2():
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=53, n_positions=16,
-                                     bos_token_id=0, eos_token_id=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return transformers.GPT2LMHeadModel(config).double().eval()
 
 
 IDS = torch.randint(0, 53, (2, 12), generator=torch.Generator().manual_seed(1))

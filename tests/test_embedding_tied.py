@@ -3,7 +3,6 @@ TiedEmbeddingHead on the same cores, against the dense GPT-2 holding the same ta
 (float64): logits, loss, every gradient; one core group, one copy of the cores in the state_dict; to_dense
 gives back a tied nn.Linear."""
 import copy
-import warnings
 
 import pytest
 import torch
@@ -14,18 +13,10 @@ from test_embedding import reference_table
 from tnlayers import TiedEmbeddingHead, TTEmbedding
 from tnlayers.groups import core_groups
 from tnlayers.layers.embedding_head import embedding_heads
+from _tiny_lm import tied_gpt2 as gpt2
 
 transformers = pytest.importorskip("transformers")
 IDS = torch.randint(0, 53, (2, 12), generator=torch.Generator().manual_seed(1))
-
-
-def gpt2():
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=53, n_positions=16,
-                                     bos_token_id=0, eos_token_id=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return transformers.GPT2LMHeadModel(config).double().eval()
 
 
 def tensorized(dense, fmt="tt", rank=4, strategy="auto"):

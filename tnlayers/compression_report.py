@@ -64,12 +64,12 @@ class Summary:
         groups: dict = {}
         for r in self.rows:
             if r["rank_by"] == "auto":
-                groups.setdefault((repr(r["budget"]), r["budget_of"]), []).append(r)
+                groups.setdefault((r["budget"], r["budget_of"]), []).append(r)
         lines = []
         for (budget, of), rows in groups.items():
             params, dense = sum(r["params"] for r in rows), sum(r["dense_params"] for r in rows)
             unit = "parameters" if of == "params" else "FLOPs at example_inputs"
-            asked = f"{float(budget):.4g} of their dense {unit}" if "." in budget else f"{int(budget):,} {unit}"
+            asked = f"{budget:.4g} of their dense {unit}" if isinstance(budget, float) else f"{budget:,} {unit}"
             used = (f"{params:,} of {dense:,} parameters ({params / dense:.4g} of dense)" if of == "params" else
                     f"{rows[0]['budget_used']:.4g} of the dense FLOPs; {params:,} of {dense:,} parameters")
             lines.append(f"rank='auto': {len(rows)} layer(s), budget {asked}: {used}")

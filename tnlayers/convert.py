@@ -27,7 +27,7 @@ from .layers.embedding import TensorizedEmbedding
 from .layers.embedding_head import TiedEmbeddingHead, head_to_linear
 from .layers.tensorized import TensorizedLayer
 from .rank_selection import check_budget
-from .tensorize_ranks import choose_from_weights, rank_methods
+from .tensorize_ranks import PROGRESS_BAR, choose_from_weights, rank_methods
 from .selection import _check_eager, _swap
 from .sharing import UNTIE_HINT, module_aliases, tied_parameters
 from .strategy import check_strategy
@@ -38,7 +38,6 @@ __all__ = ["tensorize", "summary", "to_dense", "TYPE_MAP", "Summary"]
 
 INITS = ("random", "decompose")
 _LAYER_OVERHEAD = 2 * 10 ** 6  # multiply-adds' worth of the fixed per-layer work (checks, error, Python)
-_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
 
 
 def _conv_args(m) -> dict:
@@ -241,7 +240,7 @@ def tensorize(model: nn.Module, format: FormatSpec = "tt", rank: Optional[LayerR
         # the bar advances by each layer's estimated cost, not by one per layer: a 512x512x3x3 conv takes
         # ~1000x a 64x64x1x1 one, and a per-layer count would make the remaining time meaningless
         costs = {key: decompose_cost(built[key].network, **options) + _LAYER_OVERHEAD for key in unique}
-        with tqdm(total=sum(costs.values()), desc="tensorize", disable=not show, bar_format=_BAR) as bar:
+        with tqdm(total=sum(costs.values()), desc="tensorize", disable=not show, bar_format=PROGRESS_BAR) as bar:
             for done, (key, (name, plan)) in enumerate(unique.items(), 1):
                 layer = built[key]
                 bar.set_postfix_str(f"{done - 1}/{len(unique)} layers, decomposing {name}")

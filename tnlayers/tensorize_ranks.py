@@ -15,7 +15,7 @@ from .rank_selection import BUDGETS_OF, Candidate, choose_ranks, parse_method
 
 __all__ = ["rank_methods", "choose_from_weights"]
 
-_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
+PROGRESS_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"  # tqdm, as tensorize's
 
 
 def rank_methods(unique: dict, init: str, budget, budget_of: str) -> dict:
@@ -109,7 +109,7 @@ def choose_from_weights(model: nn.Module, unique: dict, methods: dict, budget, b
             candidate.flops_of = lambda value, c=candidate, f=flops_of: f(c.network_of(value))
         candidates[key] = (candidate, method, energy)
     sizes = {c.name: c.weight.numel() for c, _, _ in candidates.values()}  # a curve's cost ~ the weight's size
-    with tqdm(total=sum(sizes.values()), desc="choosing ranks", disable=not show, bar_format=_BAR) as bar:
+    with tqdm(total=sum(sizes.values()), desc="choosing ranks", disable=not show, bar_format=PROGRESS_BAR) as bar:
         chosen = choose_ranks(candidates, budget, options, lambda name: bar.update(sizes[name]), budget_of)
     for key, choice in chosen.items():
         unique[key][1].rank = choice.rank

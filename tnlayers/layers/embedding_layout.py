@@ -15,10 +15,10 @@ from numbers import Integral, Real
 from types import ModuleType
 from typing import Optional, Sequence, Tuple, Union
 
-from ..formats import get_format
 from ..formats.network import Network
 from ..shapes import as_int, check_shape, resolve_rank, tensorize_dim
 from .base import build_network, warn_if_larger_than_dense
+from .layout import layer_format
 
 __all__ = ["EmbeddingLayout", "embedding_layout", "index_shape", "dim_shape", "DEFAULT_MODES", "SEPARATE_MODES", "check_padding_idx",
            "check_positive", "check_flag", "embedding_std"]
@@ -98,13 +98,7 @@ def embedding_layout(owner: str, fixed_format: Optional[str], format: Optional[s
     """The layout of embedding class ``owner`` (its name, for messages), whose class fixes ``fixed_format``
     (None for ``TensorizedEmbedding``). Sizes are positive ints (checked by the caller). Warns once per
     configuration when the factorization is larger than the dense table."""
-    if format is None:
-        if fixed_format is None:
-            raise TypeError(f"{owner} needs format=, one of 'cp', 'tucker', 'tt', 'tr'")
-        format = fixed_format
-    elif fixed_format is not None and format != fixed_format:
-        raise ValueError(f"{owner} is format {fixed_format!r}; got format={format!r}")
-    fmt = get_format(format)
+    fmt = layer_format(owner, fixed_format, format)
     outs = None if out_shape is None else check_shape(out_shape, embedding_dim, "out_shape")
     ins = None if in_shape is None else _check_in_shape(in_shape, num_embeddings)
     if ins is None:

@@ -15,7 +15,7 @@ from ..formats.network import Network
 from ..shapes import optional_shape, resolve_rank
 from .base import build_network, warn_if_larger_than_dense
 
-__all__ = ["LayerLayout", "layer_layout", "KINDS"]
+__all__ = ["LayerLayout", "layer_layout", "layer_format", "KINDS"]
 
 KINDS = ("linear", "conv")
 
@@ -31,6 +31,18 @@ class LayerLayout:
     dense_params: int  # weight and bias of the nn.Linear / nn.Conv1d/2d/3d the layer stands for
 
 
+def layer_format(owner: str, fixed_format: Optional[str], format: Optional[str]) -> ModuleType:
+    """The format module of class ``owner``: the ``format=`` given to a generic class, or the one a named class
+    fixes (``format=`` may repeat it, not contradict it)."""
+    if format is None:
+        if fixed_format is None:
+            raise TypeError(f"{owner} needs format=, one of 'cp', 'tucker', 'tt', 'tr'")
+        format = fixed_format
+    elif fixed_format is not None and format != fixed_format:
+        raise ValueError(f"{owner} is format {fixed_format!r}; got format={format!r}")
+    return get_format(format)
+
+
 def layer_layout(owner: str, fixed_format: Optional[str], kind: str, format: Optional[str], in_dim: int,
                  out_dim: int, kernel: Sequence[int], rank, in_shape, out_shape, bias: bool, *,
                  depthwise: bool = False) -> LayerLayout:
@@ -42,13 +54,7 @@ def layer_layout(owner: str, fixed_format: Optional[str], kind: str, format: Opt
     channels). Warns once per configuration when the factorization is larger than the dense layer."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if format is None:
-        if fixed_format is None:
-            raise TypeError(f"{owner} needs format=, one of 'cp', 'tucker', 'tt', 'tr'")
-        format = fixed_format
-    elif fixed_format is not None and format != fixed_format:
-        raise ValueError(f"{owner} is format {fixed_format!r}; got format={format!r}")
-    fmt = get_format(format)
+    fmt = layer_format(owner, fixed_format, format)
     if not isinstance(bias, bool):
         raise TypeError(f"bias must be True or False, got {bias!r}")
     split = fmt.SPLIT_CHANNELS[kind]

@@ -22,7 +22,7 @@ import torch
 from .._caller import warn_user
 from ..decompositions.subspace import mode_gram
 from ..decompositions.threads import mostly_one_thread
-from ..decompose import decompose_network
+from ..decompose import decompose_network, relative_error
 from .allocation import allocate, loss, minimum_params
 from .curves import LayerCurve, error_curve
 from .vbmf import evbmf_rank
@@ -197,39 +197,50 @@ def _on_flops(auto: Dict[object, Candidate], curves: Dict[object, LayerCurve]) -
     return out
 
 
+def _auto_curves(auto: Dict[object, Candidate], fraction: float, cap: Optional[int], options: dict, progress
+                 ) -> Dict[object, LayerCurve]:
+    """Each "auto" layer's curve up to its dense size (and ``cap`` core parameters); CP's measured curves stop at
+    CP_SPAN times the layer's ``fraction`` share (their cost grows with the rank)."""
+    curves = {}
+    for key, c in auto.items():
+        limit = c.dense_params - c.bias
+        if c.fmt.NAME == "cp":
+            limit = min(limit, max(int(CP_SPAN * fraction * limit), c.network_of(1).num_params))
+        curves[key] = _curve(c, max(limit if cap is None else min(limit, cap), 1), options)
+        progress(c.name)
+    return curves
+
+
+def _check_fits(budget, allowed: int, need: int, dense: int, count: int, unit: str) -> None:
+    if allowed < need:
+        raise ValueError(f"budget={budget!r} allows {allowed:,} {unit} for the {count} layer(s) with rank='auto' "
+                         f"(dense: {dense:,}); rank 1 in every one of them already needs {need:,} ({need / dense:.3g} "
+                         f"of dense): raise the budget, or leave some layers dense (filter=)")
+
+
 def _allocate(auto: Dict[object, Candidate], budget, options: dict, progress, budget_of: str = "params"
               ) -> Dict[object, RankChoice]:
     if budget_of == "flops":
         return _allocate_flops(auto, budget, options, progress)
     dense = sum(c.dense_params for c in auto.values())
+    bias = sum(c.bias for c in auto.values())
     total = budget if isinstance(budget, int) else budget * dense
-    cores_budget = int(math.floor(total)) - sum(c.bias for c in auto.values())
-    fraction = min(1.0, total / dense)
-    curves = {}
-    for key, c in auto.items():
-        limit = c.dense_params - c.bias
-        if c.fmt.NAME == "cp":  # measured curves: their cost grows with the rank, so they stop where it is useless
-            limit = min(limit, max(int(CP_SPAN * fraction * limit), c.network_of(1).num_params))
-        curves[key] = _curve(c, max(min(limit, cores_budget), 1), options)
-        progress(c.name)
-    need = minimum_params(curves.values()) + sum(c.bias for c in auto.values())
-    if cores_budget < minimum_params(curves.values()):
-        raise ValueError(f"budget={budget!r} allows {int(total):,} parameters for the {len(auto)} layer(s) with "
-                         f"rank='auto' (dense: {dense:,}); rank 1 in every one of them already needs {need:,} "
-                         f"({need / dense:.3g} of dense): raise the budget, or leave some layers dense (filter=)")
-    picks = _refined(auto, curves, cores_budget, options)
+    cores_budget = int(math.floor(total)) - bias
+    curves = _auto_curves(auto, min(1.0, total / dense), cores_budget, options, progress)
+    _check_fits(budget, int(total), minimum_params(curves.values()) + bias, dense, len(auto), "parameters")
+    measured = _Measurements(auto, curves, options)
+    picks = _refined(auto, curves, cores_budget, measured)
     uniform = _uniform_picks(auto, curves, cores_budget)
     if uniform is not None:  # never worse than a uniform fraction that fits: compare by measured errors
         for key, i, j in zip(curves, uniform, picks):  # Tucker's curve is HOSVD's: HOOI does better, unevenly
-            curve = curves[key]
             if auto[key].fmt.NAME in ("tt", "tr", "tucker"):
                 for k in {i, j}:
-                    curve.error[k] = min(_measured_error(auto[key], curve.ranks[k], options), 1.0 - 1e-12)
+                    curves[key].error[k] = measured.error(key, k)
         chosen_loss = sum(loss(c)[i] for c, i in zip(curves.values(), picks))
         if sum(loss(c)[i] for c, i in zip(curves.values(), uniform)) < chosen_loss:
             picks = uniform
     picks = _filled(list(curves.values()), picks, cores_budget)
-    used = (sum(int(c.params[i]) for c, i in zip(curves.values(), picks)) + sum(c.bias for c in auto.values())) / dense
+    used = (sum(int(c.params[i]) for c, i in zip(curves.values(), picks)) + bias) / dense
     return {key: RankChoice("auto", curve.ranks[i], math.sqrt(curve.error[i]), budget, "params", used)
             for (key, curve), i in zip(curves.items(), picks)}
 
@@ -237,20 +248,9 @@ def _allocate(auto: Dict[object, Candidate], budget, options: dict, progress, bu
 def _allocate_flops(auto: Dict[object, Candidate], budget, options: dict, progress) -> Dict[object, RankChoice]:
     dense = sum(c.dense_flops for c in auto.values())
     total = int(budget if isinstance(budget, int) else math.floor(budget * dense))
-    curves = {}
-    for key, c in auto.items():
-        limit = c.dense_params - c.bias
-        if c.fmt.NAME == "cp":  # as for parameters: the measured CP curve stops where it is useless
-            limit = min(limit, max(int(CP_SPAN * min(1.0, total / dense) * limit), c.network_of(1).num_params))
-        curves[key] = _curve(c, max(limit, 1), options)
-        progress(c.name)
-    curves = _on_flops(auto, curves)
-    need = minimum_params(curves.values())
-    if total < need:
-        raise ValueError(f"budget={budget!r} allows {total:,} FLOPs for the {len(auto)} layer(s) with rank='auto' at "
-                         f"example_inputs (dense: {dense:,}); rank 1 in every one of them already needs {need:,} "
-                         f"({need / dense:.3g} of dense): raise the budget, or leave some layers dense (filter=)")
-    picks = _filled(list(curves.values()), _refined(auto, curves, total, options), total)
+    curves = _on_flops(auto, _auto_curves(auto, min(1.0, total / dense), None, options, progress))
+    _check_fits(budget, total, minimum_params(curves.values()), dense, len(auto), "FLOPs at example_inputs")
+    picks = _filled(list(curves.values()), _refined(auto, curves, total, _Measurements(auto, curves, options)), total)
     used = sum(int(c.params[i]) for c, i in zip(curves.values(), picks)) / dense
     return {key: RankChoice("auto", curve.ranks[i], math.sqrt(curve.error[i]), budget, "flops", used)
             for (key, curve), i in zip(curves.items(), picks)}
@@ -296,16 +296,26 @@ def _uniform_picks(auto: Dict[object, Candidate], curves: Dict[object, LayerCurv
     return picks_at(low)
 
 
-@torch.no_grad()
-def _measured_error(c: Candidate, value, options: dict) -> float:
-    """The relative squared error of the format's decomposition of ``c``'s weight at rank ``value``."""
-    net = c.network_of(value)
-    weight = c.weight.detach().to("cpu", torch.float64, memory_format=torch.contiguous_format)
-    approx = torch.einsum(net.equation(), *decompose_network(weight, net, **options).cores)
-    return float(((approx - weight) ** 2).sum() / (weight ** 2).sum().clamp_min(1e-300))
+class _Measurements:
+    """Relative squared errors of the format's decompositions at candidate ranks, each computed once (the
+    refinement and the comparison with uniform rank ask for the same ones)."""
+
+    def __init__(self, auto: Dict[object, Candidate], curves: Dict[object, LayerCurve], options: dict):
+        self.auto, self.curves, self.options, self.done = auto, curves, options, {}
+
+    @torch.no_grad()
+    def error(self, key, index: int) -> float:
+        if (key, index) not in self.done:
+            c = self.auto[key]
+            net = c.network_of(self.curves[key].ranks[index])
+            weight = c.weight.detach().to("cpu", torch.float64, memory_format=torch.contiguous_format)
+            approx = torch.einsum(net.equation(), *decompose_network(weight, net, **self.options).cores)
+            self.done[key, index] = min(relative_error(approx, weight) ** 2, 1.0 - 1e-12)
+        return self.done[key, index]
 
 
-def _refined(auto: Dict[object, Candidate], curves: Dict[object, LayerCurve], budget: int, options: dict) -> list:
+def _refined(auto: Dict[object, Candidate], curves: Dict[object, LayerCurve], budget: int,
+             measurements: _Measurements) -> list:
     """Allocate on TT/TR curves corrected by decompositions: first at PROBES geometrically spaced candidates per
     layer, then at the ranks each allocation picks, until the picks stand (at most REFINE_ROUNDS). The TT/TR
     curves are estimates, most optimistic where many cuts each lose much (a ring cut to rank 1 loses nearly
@@ -319,8 +329,7 @@ def _refined(auto: Dict[object, Candidate], curves: Dict[object, LayerCurve], bu
     def measure(key, indices) -> None:
         curve = curves[key]
         for i in indices:
-            error = min(_measured_error(auto[key], curve.ranks[i], options), 1.0 - 1e-12)
-            measured[key][i] = -curve.dense_params * math.log1p(-error)
+            measured[key][i] = -curve.dense_params * math.log1p(-measurements.error(key, i))
         points = sorted(measured[key])
         ratios = [measured[key][j] / max(estimated[key][j], 1e-300) for j in points]
         corrected = estimated[key] * np.interp(np.arange(len(curve.ranks)), points, ratios)

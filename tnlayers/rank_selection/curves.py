@@ -25,6 +25,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..decompose import relative_error
 from ..decompositions.subspace import mode_gram
 from ..decompositions.threads import mostly_one_thread
 from ..formats import get_format
@@ -110,7 +111,7 @@ def _chain_errors(tensor: torch.Tensor, nets: Sequence[Network], fmt_name: str) 
         else:
             cuts = zip(squares, [net.sizes[f"r{k}"] for k in range(1, len(net.modes))])
         errors.append(1.0 - math.prod(1.0 - _tail(s, r) / total for s, r in cuts))
-    return np.asarray(errors) * total
+    return np.asarray(errors)
 
 
 def tucker_energy(tensor: torch.Tensor, modes: Sequence[int]) -> np.ndarray:
@@ -133,18 +134,16 @@ def _cp_errors(tensor: torch.Tensor, nets: Sequence[Network], options: dict) -> 
     ranks = [net.sizes["r"] for net in nets]  # one bond: the candidates' values are these ints
     top = ranks[-1]
     probes = sorted({max(1, round(top ** (i / (CP_PROBES - 1)))) for i in range(CP_PROBES)})
-    norm = float((tensor ** 2).sum())
     measured = [(0, 1.0)]
     iterations = min(int(options.get("n_iter_max", CP_PROBE_ITERATIONS)), CP_PROBE_ITERATIONS)
     for rank in probes:
         net = nets[ranks.index(rank)]
         cores = fmt.decompose(tensor, net, n_iter_max=iterations, tol=1e-4,
                               random_state=options.get("random_state", 0)).cores
-        rebuilt = torch.einsum(net.equation(), *cores)
-        measured.append((rank, float(((rebuilt - tensor) ** 2).sum()) / norm))
+        measured.append((rank, relative_error(torch.einsum(net.equation(), *cores), tensor) ** 2))
     xs = np.array([m[0] for m in measured], dtype=float)
     logs = np.log(np.maximum([m[1] for m in measured], 1e-300))
-    return np.exp(np.interp(ranks, xs, logs)) * norm
+    return np.exp(np.interp(ranks, xs, logs))
 
 
 @torch.no_grad()
@@ -165,19 +164,18 @@ def error_curve(tensor: torch.Tensor, fmt_name: str, network_of: Callable[[objec
     tensor = tensor.detach().to("cpu", torch.float64, memory_format=torch.contiguous_format)
     ranks = candidate_ranks(network_of, limit, value_of, period)
     nets = [network_of(r) for r in ranks]
-    norm = max(float((tensor ** 2).sum()), 1e-300)
-    if fmt_name in ("tt", "tr"):
+    if fmt_name in ("tt", "tr"):  # every branch gives relative squared errors
         errors = _chain_errors(tensor, nets, fmt_name)
     elif fmt_name == "tucker":
         factored = [i for i in range(tensor.ndim) if f"r{i}" in nets[0].sizes]
         if len(factored) != 2:
             raise ValueError(f"rank selection for Tucker handles two factored modes (Tucker-2), got {len(factored)}")
-        energy = tucker_energy(tensor, factored)
-        errors = np.array([norm - energy[min(net.sizes[f"r{factored[0]}"], energy.shape[0]) - 1,
+        energy = tucker_energy(tensor, factored) / max(float((tensor ** 2).sum()), 1e-300)
+        errors = np.array([1.0 - energy[min(net.sizes[f"r{factored[0]}"], energy.shape[0]) - 1,
                                          min(net.sizes[f"r{factored[1]}"], energy.shape[1]) - 1] for net in nets])
     elif fmt_name == "cp":
         errors = _cp_errors(tensor, nets, options or {})
     else:
         raise ValueError(f"no error curve for format {fmt_name!r}")
-    errors = np.minimum.accumulate(np.clip(errors / norm, 0.0, 1.0))  # a larger rank never fits worse
+    errors = np.minimum.accumulate(np.clip(errors, 0.0, 1.0))  # a larger rank never fits worse
     return LayerCurve(ranks, np.array([net.num_params for net in nets], dtype=np.int64), errors, tensor.numel())
