@@ -357,3 +357,37 @@ def test_full_rank_cuts_reuse_no_memory_and_return_cores_of_their_own():
     torch.testing.assert_close(x, before, atol=0, rtol=0)
     np.testing.assert_allclose(out.spectra["r1"].numpy(), np.linalg.svd(before.reshape(3, -1).numpy(),
                                                                        compute_uv=False), atol=1e-10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(2, 5), min_size=3, max_size=5), st.data())
+def test_tr_svd_overwriting_its_input_gives_the_same_ring(shape, data):
+    """overwrite=True (the caller's own copy): where the first cut keeps every row (r0 r1 = n_1) its carry is
+    written over the input a block at a time; the cores and spectra are those of the copy-keeping run, and
+    decompose_network never writes into a tensor the caller passed (a float64 contiguous one is not copied)."""
+    from tnlayers.decompose import decompose_network
+    from tnlayers.decompositions.subspace import _rotate_rows_
+    from tnlayers.formats import get_format
+
+    n0 = shape[0]
+    if n0 > math.prod(shape[1:]):
+        shape = [*shape, n0]  # the first cut keeps n_1 rows: the unfolding needs at least as many columns
+    r0 = data.draw(st.sampled_from([q for q in range(1, n0 + 1) if n0 % q == 0]))
+    ranks = [r0, n0 // r0] + data.draw(st.lists(st.integers(1, 6), min_size=len(shape) - 2, max_size=len(shape) - 2))
+    x = tensor_of(tuple(shape), len(shape))
+    kept = tr_svd(x, ranks)
+    mine = x.clone()
+    over = tr_svd(mine, ranks, overwrite=True)
+    for a, b in zip(kept.cores, over.cores):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert over.cores[-1].untyped_storage().data_ptr() != mine.untyped_storage().data_ptr()
+    assert not torch.equal(mine, x) or r0 * ranks[1] != n0  # the input did serve as the carry
+    # the in-place rotation, in blocks smaller than a row, against a plain matmul
+    blocks, rot = torch.randn(2, 3, 7, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    want = rot @ blocks
+    _rotate_rows_(blocks, rot, chunk=5)
+    torch.testing.assert_close(blocks, want, rtol=1e-12, atol=1e-12)
+    net = get_format("tr").network(tuple(shape), ranks)
+    before = x.clone()
+    decompose_network(x, net)
+    assert torch.equal(x, before)

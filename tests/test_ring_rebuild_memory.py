@@ -85,6 +85,32 @@ def test_every_cut_and_chunking_equals_a_plain_einsum_in_values_and_gradients(mo
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=2, max_size=5), st.data())
+def test_without_grad_the_lean_plan_equals_a_plain_einsum_and_stays_within_its_bound(modes, data):
+    """No graph to keep (inference cache, a decomposition's error): each chunk carried from the closed end."""
+    d = len(modes)
+    ranks = data.draw(st.lists(st.integers(1, 4), min_size=d, max_size=d))
+    start = data.draw(st.integers(0, d - 1))
+    net = get_format("tr").network(tuple(modes), ranks)
+    order = [(start + j) % d for j in range(d)]
+    torch.manual_seed(0)
+    cores = [torch.randn(shape, dtype=torch.float64) for shape in net.shapes]
+    plan = RingWeight(net, order)
+    want = ring_einsum(cores, order)
+    with Recorder() as seen, torch.no_grad():
+        got = plan(*cores)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert seen.macs * 2 == plan.lean_cost
+    # every tensor it makes, besides the weight, fits in what the plan says is live at most (the cores' slices
+    # are views: their storage is the core's)
+    assert seen.largest // 8 <= max([prod(modes), plan.lean_live] + [prod(shape) for shape in net.shapes])
+    # requires_grad cores under no_grad, and cores that need no grad with grad enabled: the lean plan too
+    with torch.no_grad():
+        torch.testing.assert_close(plan(*[c.clone().requires_grad_() for c in cores]), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(plan(*cores), want, rtol=1e-12, atol=1e-12)
+
+
 def largest_made(net, plan) -> int:
     """Entries of the largest tensor a plan makes, by brute force: every op's output while it runs."""
     cores = [torch.randn(shape, dtype=torch.float64) for shape in net.shapes]
@@ -132,13 +158,16 @@ def test_a_big_layer_never_makes_a_tensor_larger_than_its_weight():
         v = pairwise(*cores)
     assert seen.largest >= 7 * weight_bytes
     torch.testing.assert_close(w, v.reshape(w.shape), rtol=1e-4, atol=1e-6 * float(v.abs().max()))
-    # the multiply-adds the plan reports (its FLOP estimate / 2) are the matmuls it runs
-    assert chunked.macs * 2 == plan.weight_cost
-    assert plan.weight_cost <= 1.05 * pairwise.cost
+    # the multiply-adds each plan reports (its FLOP estimate / 2) are the matmuls it runs: without grad the
+    # lean plan, with grad the training plan
+    ring = plan._weight_expr
+    assert chunked.macs * 2 == ring.lean_cost
+    assert ring.lean_cost <= 1.05 * pairwise.cost and plan.weight_cost <= 1.05 * pairwise.cost
     # training: forward and backward through the chunks stay within the weight too
     with Recorder() as train:
         layer.weight.backward(torch.randn(512, 512, 3, 3))
     assert train.largest <= weight_bytes, (train.largest / weight_bytes, train.op)
+    assert train.macs * 2 >= plan.weight_cost  # the forward's matmuls (and the backward's) ran the training plan
 
 
 def test_a_big_layer_trains_as_the_einsum_of_its_ring():
@@ -221,7 +250,8 @@ PEAK_CHILD = textwrap.dedent("""
 def test_peak_memory_of_rebuilding_a_big_weight():
     """Measured, not planned: the rise of the peak resident set while rebuilding the weight (a fresh process;
     MALLOC_MMAP_THRESHOLD_ makes glibc return a freed buffer at once, so the peak is what the tensors need).
-    The weight itself is 9 MiB; chunked ~4.8x (weight, inner arc, whole arc, one chunk and its copy), the
+    The weight itself is 9 MiB; without grad the lean plan ~1.7x (the weight, one chunk's arcs and their
+    reordered copies; the training plan's ~4.8x: weight, inner arc, whole arc, one chunk and its copy), the
     pairwise path ~17x."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     try:
@@ -232,5 +262,5 @@ def test_peak_memory_of_rebuilding_a_big_weight():
         raise
     chunked, pairwise = (int(v) for v in out.stdout.split())
     weight_bytes = 512 * 512 * 9 * 4
-    assert chunked <= 6 * weight_bytes, chunked / weight_bytes
+    assert chunked <= 2.5 * weight_bytes, chunked / weight_bytes
     assert pairwise >= 10 * weight_bytes, pairwise / weight_bytes  # the measurement sees the old peak

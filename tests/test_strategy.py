@@ -115,6 +115,12 @@ def test_decisive_flops_or_tiny_layers_are_not_timed(monkeypatch):
     tiny(torch.randn(2, 8, 8, 8))
     assert calls == []
     assert cheap.last_strategy == "factorized"
+    # a small layer whose FLOPs do not settle it runs dense: its time is fixed per-op costs, and the dense
+    # path has the fewest ops (TR-ResNet-20 at 8x8: the chain took 1.5-2x dense's time on its 11 small layers)
+    dense_flops, factorized_flops = tiny._costs(torch.randn(2, 8, 8, 8))
+    assert max(dense_flops, factorized_flops) < strategy_module.MIN_TIMED_FLOPS
+    assert factorized_flops < dense_flops < strategy_module.TRUST_RATIO * factorized_flops  # FLOPs: factorized
+    assert tiny.last_strategy == "dense"
 
 
 def test_layers_alike_share_one_decision_and_keys_separate_grad_mode(monkeypatch):
@@ -134,6 +140,7 @@ def test_layers_alike_share_one_decision_and_keys_separate_grad_mode(monkeypatch
 
 def test_timing_leaves_no_gradient_and_no_graph(monkeypatch):
     fake_timings(monkeypatch, {"dense": 2.0, "factorized": 1.0})
+    monkeypatch.setattr(strategy_module, "MIN_TIMED_FLOPS", 0)  # time this small layer too
     torch.manual_seed(0)
     layer = TRConv2d(64, 64, 3, padding=1, rank=10)
     x = torch.randn(2, 64, 16, 16, requires_grad=True)

@@ -10,7 +10,8 @@ Two ways to apply a tensorized layer to an input:
   folded into the batch.
 Each plan carries opt_einsum's FLOP estimate, which ``"auto"`` starts from (see :mod:`tnlayers.strategy`).
 
-opt_einsum only plans: a :class:`Contraction` runs its pairwise steps as plain ``torch.einsum`` calls, so
+opt_einsum only plans: a :class:`Contraction` runs its pairwise steps as plain torch ops (each step's permutes,
+reshapes and one matmul, worked out once: :mod:`tnlayers.pairwise_step`), so
 ``torch.compile(fullgraph=True)`` traces a layer's forward without entering opt_einsum (or numpy).
 A tensor ring's weight, where that path would hold an intermediate larger than the weight, is contracted
 in chunks of its closing bond instead (:mod:`tnlayers.ring_weight`).
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from .formats.network import Network, einsum_equation, mode_label
 from .conv_chain_cpu import from_pixels, is_channels_last, pixel_map, to_pixels
+from .pairwise_step import PairStep
 from .ring_weight import RingWeight, ring_order
 
 __all__ = ["Contraction", "expression", "LinearPlan", "ConvPlan", "CONV_FUNCTIONS"]
@@ -79,6 +81,8 @@ class Contraction:
         self.equation = equation
         self.cost = int(info.opt_cost)
         self.steps = pairwise_steps(equation, path)
+        self._run = tuple((positions, PairStep(step) if len(positions) == 2 else _Einsum(step))
+                          for positions, step in self.steps)
         size = {label: n for term, shape in zip(equation.split("->")[0].split(","), shapes)
                 for label, n in zip(term, shape)}
         # entries of the largest tensor a step makes (the result included): what the contraction holds at most
@@ -87,10 +91,19 @@ class Contraction:
 
     def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
         work = list(operands)
-        for positions, step in self.steps:
-            picked = [work.pop(i) for i in positions]
-            work.append(torch.einsum(step, *picked))
+        for positions, step in self._run:  # (pairs as permute/reshape/matmul: tnlayers/pairwise_step.py)
+            work.append(step(*[work.pop(i) for i in positions]))
         return work[0]
+
+
+class _Einsum:
+    """A step of one operand (or more than two): ``torch.einsum`` as it is."""
+
+    def __init__(self, equation: str):
+        self.equation = equation
+
+    def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
+        return torch.einsum(self.equation, *operands)
 
 
 @lru_cache(maxsize=4096)

@@ -63,8 +63,10 @@ def decompose_network(tensor: torch.Tensor, net: Network, seed: int = 0, **optio
         raise ValueError(f"tensor of shape {tuple(tensor.shape)} does not match the network's modes {net.modes}")
     # one contiguous float64 copy (a layer's weight comes as a permuted view): the unfoldings are then views
     array = tensor.detach().to("cpu", torch.float64, memory_format=torch.contiguous_format)
-    out = get_format(net.format).decompose(array, net, **options)
     spread = float(array.std()) if array.numel() > 1 else 0.0
+    # a copy of ours may be overwritten by the decomposition (TR-SVD's first cut): one tensor of its size, not two
+    owned = array.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr()
+    out = get_format(net.format).decompose(array, net, overwrite=owned, **options)
     std = core_std(net, spread or 1.0)
     out.cores = [c.contiguous() for c in pad_cores(out.cores, net, std, torch.Generator().manual_seed(seed))]
     return out

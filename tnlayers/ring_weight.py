@@ -15,6 +15,13 @@ ranks allow it: else the least excess); the multiply-adds are about those of the
 final join, N b_0 b_s, dominates either way). Every step is a differentiable torch op (chunks are ``split``
 views, whose backward is one concatenation), so gradients flow to the cores and ``torch.compile(fullgraph=True)``
 traces it.
+
+Without a graph to keep (no grad: the inference cache, the error of a decomposition) nothing made needs to
+outlive its chunk, so a leaner plan runs instead: each chunk of ``b_0`` is carried through its arcs from the
+closed end (one open bond at a time, no inner arc with two open bonds is ever made), at the cut that makes the
+arcs smallest (N_L + N_R least), with chunks small enough that everything made besides the weight adds up to at
+most the weight. It repeats the arcs' inner products once per chunk (~10% more multiply-adds on a
+512x512x3x3 conv at rank 64) for a peak of about twice the weight instead of ~5x.
 Design notes: docs/design.md, 'Contraction planning'.
 """
 from __future__ import annotations
@@ -74,9 +81,12 @@ class RingWeight:
         self.modes = tuple(n)
         options = [_option(n, b, split, whole) for split in range(1, len(n)) for whole in (None, "left", "right")]
         _, self.split, self.whole, self.chunk, self.largest, self.cost = min(options, key=lambda o: o[0])
+        self.lean_split, self.lean_chunk, self.lean_live, self.lean_cost = _lean_option(n, b)
 
     def __call__(self, *cores: torch.Tensor) -> torch.Tensor:
         ring = [cores[k] for k in self.order]
+        if not (torch.is_grad_enabled() and any(c.requires_grad for c in ring)):
+            return self._lean(ring)
         s, first, last = self.split, ring[0], ring[-1]
         bs = ring[s].shape[0]
         inner_left, inner_right = _chain(ring[1:s]), _chain(ring[s:-1])  # (b_1, ..., b_s), (b_s, ..., b_{d-1})
@@ -103,6 +113,47 @@ class RingWeight:
             weight = torch.mm(lmat, rmat) if weight is None else weight.addmm_(lmat, rmat)
             del lmat, rmat  # (no-grad) this chunk's operands go before the next one's are made
         return weight.reshape(self.modes)
+
+
+    def _lean(self, ring: List[torch.Tensor]) -> torch.Tensor:
+        """No graph to keep: per chunk of b_0, each arc carried from its closed end (see the module's doc)."""
+        s, chunk = self.lean_split, self.lean_chunk
+        bs = ring[s].shape[0]
+        weight = None
+        for start in range(0, ring[0].shape[0], chunk):
+            part = ring[0][start:start + chunk]  # (m, n_0, b_1)
+            m = part.shape[0]
+            for core in ring[1:s]:  # (m, n_0..n_k, b) @ (b, n_{k+1} b') -> (m, n_0..n_{k+1}, b')
+                part = torch.mm(part.reshape(-1, core.shape[0]), core.reshape(core.shape[0], -1))
+            lmat = part.reshape(m, -1, bs).transpose(0, 1).reshape(-1, m * bs)  # (N_L, (a, b_s))
+            part = ring[-1][..., start:start + chunk]  # (b_{d-1}, n_{d-1}, m)
+            for core in reversed(ring[s:-1]):  # (b, n, b') @ (b', n..., m) -> (b, n n..., m)
+                part = torch.mm(core.reshape(-1, core.shape[2]), part.reshape(core.shape[2], -1))
+            rmat = part.reshape(bs, -1, m).permute(2, 0, 1).reshape(m * bs, -1)  # ((a, b_s), N_R)
+            weight = torch.mm(lmat, rmat) if weight is None else weight.addmm_(lmat, rmat)
+            del part, lmat, rmat
+        return weight.reshape(self.modes)
+
+
+def _lean_option(n: Sequence[int], b: Sequence[int]) -> Tuple[int, int, int, int]:
+    """(split, chunk, entries live besides the weight at most, FLOPs) of the no-grad plan: the cut with the
+    smallest arcs, then the largest chunk whose arcs (each made twice: the chain's end and its reordered copy)
+    and chain steps fit in the weight's size (at least one slice of b_0)."""
+    d, b0, total = len(n), b[0], prod(n)
+
+    def arcs(split: int) -> Tuple[int, int]:  # (entries per slice of b_0 made at most at once, multiply-adds per slice)
+        steps = [prod(n[:k + 1]) * b[k + 1] for k in range(split)]  # left: (1, n_0..n_k, b_{k+1})
+        steps += [b[k] * prod(n[k:]) for k in range(split, d)]  # right: (b_k, n_k.., 1)
+        macs = sum(prod(n[:k]) * b[k] * n[k] * b[k + 1] for k in range(1, split))
+        macs += sum(b[k] * n[k] * b[k + 1] * prod(n[k + 1:]) for k in range(split, d - 1))
+        ends = b[split] * (prod(n[:split]) + prod(n[split:]))
+        return max(2 * ends, max(steps) + ends), macs
+
+    split = min(range(1, d), key=lambda s: (arcs(s)[0], s))
+    per_slice, macs = arcs(split)
+    chunk = max(1, min(b0, total // per_slice))
+    chunk = -(-b0 // -(-b0 // chunk))  # equal chunks
+    return split, chunk, chunk * per_slice, 2 * (b0 * macs + total * b0 * b[split])
 
 
 def _chain(cores: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -14,15 +14,16 @@ CPU core where fresh activations page-fault, 0.8x with memory reused). ``"auto"`
 input shape, device, dtype and grad mode, and keeps the faster (factorized only when at least ``TIE``
 faster; a close call, within ``CLOSE``, is timed ``EXTRA_REPEATS`` more times); layers of the same
 configuration share the decision. Not timed: where the FLOP estimate settles it (``TRUST_RATIO``), where the
-layer is too small to matter (``MIN_TIMED_FLOPS``), on devices other than CPU and CUDA, and inside
-``torch.compile`` (a decision already made, else the FLOPs). Timings vary from run to run, so two runs may
+layer is small (``MIN_TIMED_FLOPS``: dense, whose few ops cost less than the chain's many), on devices other
+than CPU and CUDA, and inside
+``torch.compile`` (a decision already made, else the untimed rule: FLOPs, small layers dense). Timings vary from run to run, so two runs may
 choose differently in close cases (same result up to rounding); ``"flops"`` or a forced strategy never varies.
 
 One front end serves layers and adapters alike: :class:`StrategyChooser` (the process-wide ``chooser``)
 builds the decision key, holds the shared decisions under a lock and times each key once (a second thread
 asking for a key being timed waits for that timing). Each module keeps its own recent choices in a
-:class:`ModuleChoices`. Under ``torch.distributed`` (initialized, world size > 1) ``"auto"`` decides by the
-FLOP estimate alone, as ``"flops"`` does: the same choice on every rank by construction, with no timing and
+:class:`ModuleChoices`. Under ``torch.distributed`` (initialized, world size > 1) ``"auto"`` decides without timing
+(the FLOP estimate, small layers dense): the same choice on every rank by construction, with no timing and
 no communication. (Sharing rank 0's timed choice would need a collective inside a forward call, which hangs
 or mismatches collectives as soon as only some ranks run a layer, e.g. evaluation on rank 0 alone.)
 Design notes: docs/design.md, 'Strategy cost model'.
@@ -42,7 +43,7 @@ __all__ = ["STRATEGIES", "set_strategy", "get_strategy", "check_strategy", "deci
 
 STRATEGIES = ("auto", "flops", "dense", "factorized")
 TRUST_RATIO = 8.0  # a FLOP ratio beyond this decides without timing
-MIN_TIMED_FLOPS = 5e7  # below this (about a millisecond on one CPU core) either choice is fine: not timed
+MIN_TIMED_FLOPS = 5e7  # below this (about a millisecond on one CPU core) fixed costs rule: dense, not timed
 TIE = 0.05  # timings closer than this fraction are a tie, which goes to dense (see decide)
 REPEATS = 3  # timed runs per strategy after one warm-up each, interleaved; the minimum counts
 CLOSE = 1.25  # minimums closer than this ratio after REPEATS rounds: a close call, timed EXTRA_REPEATS more
@@ -111,6 +112,19 @@ class set_strategy:
 
 def by_flops(dense: int, factorized: Optional[int]) -> str:
     return "factorized" if factorized is not None and factorized < dense else "dense"
+
+
+def _untimed(strategy: str, dense: int, factorized: Optional[int]) -> Optional[str]:
+    """The choice that needs no timing, or None where ``"auto"`` times: ``"flops"`` by the FLOPs; ``"auto"`` by
+    the FLOPs where they settle it (``TRUST_RATIO``), dense for a small layer (``MIN_TIMED_FLOPS``: its time is
+    the ops' fixed costs, and the dense path runs the fewest ops: one conv or linear after a short rebuild, at
+    inference the cached weight alone)."""
+    if strategy != "auto" or factorized is None:
+        return by_flops(dense, factorized)
+    low, high = sorted((dense, factorized))
+    if high > TRUST_RATIO * max(low, 1):
+        return by_flops(dense, factorized)
+    return "dense" if high < MIN_TIMED_FLOPS else None
 
 
 def _timeable(device: torch.device) -> bool:
@@ -223,7 +237,7 @@ class StrategyChooser:
         if choice is not None:
             return choice
         if torch.compiler.is_compiling():  # (no lock, no timing in a traced forward)
-            return by_flops(*costs())
+            return _untimed(strategy, *costs()) or by_flops(*costs())
         if not current:
             with self._lock:
                 module.made.clear()
@@ -251,7 +265,7 @@ class StrategyChooser:
                     self._timing[key] = (me, done)
                     break
             if timing[0] == me:  # asked again from inside its own timing run: never wait on oneself
-                return by_flops(*costs())
+                return _untimed(strategy, *costs()) or by_flops(*costs())
             timing[1].wait()  # then look again: a timing that raised left no decision, and is retried
         try:
             choice = self._take(strategy, costs, make_run, device)
@@ -269,14 +283,11 @@ class StrategyChooser:
     def _take(strategy: str, costs: Callable[[], tuple], make_run: Callable[[], Callable[[str], None]],
               device: torch.device) -> str:
         dense, factorized = costs()
-        choice = by_flops(dense, factorized)
-        if strategy != "auto" or factorized is None or not _timeable(device):
+        choice = _untimed(strategy, dense, factorized)  # the same on every rank: no need to share
+        if choice is not None:
             return choice
-        low, high = sorted((dense, factorized))
-        if high < MIN_TIMED_FLOPS or high > TRUST_RATIO * max(low, 1):
-            return choice  # the FLOPs decide (the same on every rank: no need to share)
-        if _distributed():
-            return choice  # every rank computes the same FLOPs; timings would differ (module docstring)
+        if not _timeable(device) or _distributed():
+            return by_flops(dense, factorized)  # every rank computes the same FLOPs; timings would differ
         return _timed_choice(make_run(), device)
 
 

@@ -60,8 +60,10 @@ def mode_gram(tensor: torch.Tensor, mode: int) -> torch.Tensor:
             return view[:, :, 0].T @ view[:, :, 0]
         if a == 1:
             return view[0] @ view[0].T
-        step = max(1, (1 << 22) // (n * n))  # at most 4M entries of batched products at a time
         gram = torch.zeros(n, n, dtype=tensor.dtype, device=tensor.device)
+        if n >= 128:  # big products: summed into the Gram as they come (no batch of them is held)
+            return gram.addbmm_(view, view.transpose(1, 2))
+        step = max(1, (1 << 20) // (n * n))  # small ones batched: at most 1M entries of products at a time
         for start in range(0, a, step):
             chunk = view[start:start + step]
             gram += torch.bmm(chunk, chunk.transpose(1, 2)).sum(0)
@@ -100,7 +102,7 @@ def _top_eigenvectors(gram: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 @mostly_one_thread
-def leading_subspace(matrix: torch.Tensor, rank: int, reuse: bool = False
+def leading_subspace(matrix: torch.Tensor, rank: int, reuse: bool = False, overwrite: bool = False
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(basis, carry, spectrum)`` for an m x n ``matrix``: ``basis`` (m x k, orthonormal columns,
     k = min(rank, m, n)) spans its leading k left singular vectors, ``carry = basis^T matrix`` (k x n), so
@@ -109,7 +111,9 @@ def leading_subspace(matrix: torch.Tensor, rank: int, reuse: bool = False
     forming it (TR-SVD's unfoldings, whose column index ends with r_0, are such); ``carry`` is then (a, k, n).
     ``reuse=True`` (for callers that own ``matrix``): when every row is kept (k = m <= the columns) the basis is
     the identity and ``carry`` is ``matrix`` itself, not a rotated copy of it — the full-rank first cuts of
-    TT-SVD/TR-SVD then cost no memory.
+    TT-SVD/TR-SVD then cost no memory. ``overwrite=True`` (for callers that own ``matrix`` and need it no more, as
+    scipy's ``overwrite_a``): when every row is kept (k = m) the rotated carry is written over ``matrix``, a block
+    of columns at a time, instead of into a second tensor of its size.
 
         >>> A = torch.randn(6, 2, dtype=torch.float64) @ torch.randn(2, 9, dtype=torch.float64)
         >>> basis, carry, spectrum = leading_subspace(A, 2)
@@ -134,9 +138,23 @@ def leading_subspace(matrix: torch.Tensor, rank: int, reuse: bool = False
         # QR makes A V orthonormal even where a kept singular value is zero (its column of A V is then zero,
         # and Q still completes an orthonormal basis)
         basis = fix_signs(torch.linalg.qr(spanning).Q)
+    if overwrite and k == m and blocks.is_contiguous():
+        _rotate_rows_(blocks, basis.T)
+        return basis, matrix, spectrum
     with threads_for(m * a * n * k):
         carry = torch.matmul(basis.T, blocks)
     return basis, carry if matrix.ndim == 3 else carry[0], spectrum
+
+
+def _rotate_rows_(blocks: torch.Tensor, rotation: torch.Tensor, chunk: int = 1 << 18) -> None:
+    """``blocks[i] = rotation @ blocks[i]`` in place (rotation m x m), ``chunk`` entries of columns at a time."""
+    a, m, n = blocks.shape
+    step = max(1, chunk // m)
+    with threads_for(m * m * min(n, step)):
+        for i in range(a):
+            for start in range(0, n, step):
+                part = blocks[i, :, start:start + step]
+                part.copy_(rotation @ part)
 
 
 @torch.no_grad()

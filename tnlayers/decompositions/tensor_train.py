@@ -104,11 +104,13 @@ def tt_svd(tensor: torch.Tensor, ranks: Sequence[int]) -> Decomposition:
 
 @torch.no_grad()
 @mostly_one_thread
-def tr_svd(tensor: torch.Tensor, ranks: Sequence[int]) -> Decomposition:
+def tr_svd(tensor: torch.Tensor, ranks: Sequence[int], overwrite: bool = False) -> Decomposition:
     """TR cores ``(r_0, n_1, r_1), ..., (r_{d-1}, n_d, r_0)`` of ``tensor`` (d modes) with bonds ``ranks``
     (r_0, ..., r_{d-1}); the first unfolding keeps r_0 r_1 singular vectors, so r_0 r_1 <= min(n_1, n_2...n_d)
     is required. ``spectra["r1"]`` holds the first unfolding's singular values (that cut fixes r_0 r_1), and
-    ``spectra["r<k>"]`` (k >= 2) those of the k-th sequential unfolding.
+    ``spectra["r<k>"]`` (k >= 2) those of the k-th sequential unfolding. ``overwrite=True`` lets the first cut
+    write its carry over ``tensor`` (contiguous) where it keeps every row (r_0 r_1 = n_1): no second tensor of
+    its size; ``tensor`` then holds garbage.
 
         >>> A = torch.randn(4, 5, 6, dtype=torch.float64)
         >>> d = tr_svd(A, [2, 2, 30])
@@ -125,7 +127,7 @@ def tr_svd(tensor: torch.Tensor, ranks: Sequence[int]) -> Decomposition:
                          f"(min({n}, {rest}) = {min(n, rest)}); lower rank[0] or rank[1]")
     # not reuse=True: which r_0 r_1 vectors the first cut keeps, and how they split into r_0 and r_1, shapes
     # the later cuts even when nothing is truncated
-    basis, carry, spectrum = leading_subspace(tensor.reshape(n, rest), r0 * r1)
+    basis, carry, spectrum = leading_subspace(tensor.reshape(n, rest), r0 * r1, overwrite=overwrite)
     cores = [basis.reshape(n, r0, r1).permute(1, 0, 2).contiguous()]
     spectra = {"r1": spectrum}
     # carry rows are (r_0, r_1): r_0 becomes the batch of blocks, r_1 n_2 the next unfolding's rows

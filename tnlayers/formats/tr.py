@@ -53,10 +53,11 @@ def _svd_ranks(net: Network):
     return [r0, min(asked[1], budget // r0)] + asked[2:]
 
 
-def decompose(tensor: torch.Tensor, net: Network, **_) -> Decomposition:
+def decompose(tensor: torch.Tensor, net: Network, *, overwrite: bool = False, **_) -> Decomposition:
     """TR-SVD (``tnlayers.decompositions.tr_svd``), r_0 * r_1 split as ``_svd_ranks`` says; bonds may come back
-    smaller than asked, and are padded afterwards."""
-    return tr_svd(tensor, _svd_ranks(net))
+    smaller than asked, and are padded afterwards. ``overwrite``: ``tensor`` may be overwritten (the caller's
+    own copy)."""
+    return tr_svd(tensor, _svd_ranks(net), overwrite=overwrite)
 
 
 def decompose_cost(net: Network, **_) -> int:
