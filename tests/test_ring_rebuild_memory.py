@@ -61,17 +61,23 @@ def variants(plan: RingWeight, bond0: int):
                 yield split, whole, chunk
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.integers(1, 4), min_size=2, max_size=5), st.data())
-def test_every_cut_and_chunking_equals_a_plain_einsum_in_values_and_gradients(modes, data):
+def random_ring(modes, data):
+    """A TR network over ``modes`` with drawn ranks, a drawn rotation ``order`` and random float64 cores:
+    (net, ranks, start, order, cores)."""
     d = len(modes)
     ranks = data.draw(st.lists(st.integers(1, 4), min_size=d, max_size=d))
     start = data.draw(st.integers(0, d - 1))
     net = get_format("tr").network(tuple(modes), ranks)
-    order = [(start + j) % d for j in range(d)]
-    assert ring_order(net, [f"m{k}" for k in order]) == order
     torch.manual_seed(0)
     cores = [torch.randn(shape, dtype=torch.float64) for shape in net.shapes]
+    return net, ranks, start, [(start + j) % d for j in range(d)], cores
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=2, max_size=5), st.data())
+def test_every_cut_and_chunking_equals_a_plain_einsum_in_values_and_gradients(modes, data):
+    net, ranks, start, order, cores = random_ring(modes, data)
+    assert ring_order(net, [f"m{k}" for k in order]) == order
     want = ring_einsum([c.requires_grad_() for c in cores], order)
     grad_out = torch.randn_like(want)
     want_grads = torch.autograd.grad(want, cores, grad_out)
@@ -89,13 +95,7 @@ def test_every_cut_and_chunking_equals_a_plain_einsum_in_values_and_gradients(mo
 @given(st.lists(st.integers(1, 4), min_size=2, max_size=5), st.data())
 def test_without_grad_the_lean_plan_equals_a_plain_einsum_and_stays_within_its_bound(modes, data):
     """No graph to keep (inference cache, a decomposition's error): each chunk carried from the closed end."""
-    d = len(modes)
-    ranks = data.draw(st.lists(st.integers(1, 4), min_size=d, max_size=d))
-    start = data.draw(st.integers(0, d - 1))
-    net = get_format("tr").network(tuple(modes), ranks)
-    order = [(start + j) % d for j in range(d)]
-    torch.manual_seed(0)
-    cores = [torch.randn(shape, dtype=torch.float64) for shape in net.shapes]
+    net, _, _, order, cores = random_ring(modes, data)
     plan = RingWeight(net, order)
     want = ring_einsum(cores, order)
     with Recorder() as seen, torch.no_grad():

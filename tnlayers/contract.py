@@ -79,9 +79,6 @@ class Contraction:
         self.equation = equation
         self.cost = int(info.opt_cost)
         self.steps = pairwise_steps(equation, path)
-        # torch.einsum per step: the PairStep form (tnlayers/pairwise_step.py) is built and tested but not
-        # wired in: one CI run of it crashed (segfault in a backward of tests/test_fuzz.py), not yet explained
-        self._run = tuple((positions, _Einsum(step)) for positions, step in self.steps)
         size = {label: n for term, shape in zip(equation.split("->")[0].split(","), shapes)
                 for label, n in zip(term, shape)}
         # entries of the largest tensor a step makes (the result included): what the contraction holds at most
@@ -90,19 +87,12 @@ class Contraction:
 
     def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
         work = list(operands)
-        for positions, step in self._run:
-            work.append(step(*[work.pop(i) for i in positions]))
+        # torch.einsum per step; the precomputed-matmul form (tnlayers/pairwise_step.py) is not used here yet:
+        # one CI run with it crashed in a backward of tests/test_fuzz.py, not yet explained
+        for positions, step in self.steps:
+            picked = [work.pop(i) for i in positions]
+            work.append(torch.einsum(step, *picked))
         return work[0]
-
-
-class _Einsum:
-    """A step of one operand (or more than two): ``torch.einsum`` as it is."""
-
-    def __init__(self, equation: str):
-        self.equation = equation
-
-    def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
-        return torch.einsum(self.equation, *operands)
 
 
 @lru_cache(maxsize=4096)

@@ -15,9 +15,9 @@ input shape, device, dtype and grad mode, and keeps the faster (factorized only 
 faster; a close call, within ``CLOSE``, is timed ``EXTRA_REPEATS`` more times); layers of the same
 configuration share the decision. Not timed: where the FLOP estimate settles it (``TRUST_RATIO``), where the
 layer is small (``MIN_TIMED_FLOPS``: dense, whose few ops cost less than the chain's many), on devices other
-than CPU and CUDA, and inside
-``torch.compile`` (a decision already made, else the untimed rule: FLOPs, small layers dense). Timings vary from run to run, so two runs may
-choose differently in close cases (same result up to rounding); ``"flops"`` or a forced strategy never varies.
+than CPU and CUDA, and inside ``torch.compile`` (a decision already made, else the untimed rule: FLOPs, small
+layers dense). Timings vary from run to run, so two runs may choose differently in close cases (same result up
+to rounding); ``"flops"`` or a forced strategy never varies.
 
 One front end serves layers and adapters alike: :class:`StrategyChooser` (the process-wide ``chooser``)
 builds the decision key, holds the shared decisions under a lock and times each key once (a second thread
@@ -125,6 +125,11 @@ def _untimed(strategy: str, dense: int, factorized: Optional[int]) -> Optional[s
     if high > TRUST_RATIO * max(low, 1):
         return by_flops(dense, factorized)
     return "dense" if high < MIN_TIMED_FLOPS else None
+
+
+def _untimed_or_flops(strategy: str, dense: int, factorized: Optional[int]) -> str:
+    """Where no timing may run (a traced forward, a layer asked from inside its own timing run)."""
+    return _untimed(strategy, dense, factorized) or by_flops(dense, factorized)
 
 
 def _timeable(device: torch.device) -> bool:
@@ -237,7 +242,7 @@ class StrategyChooser:
         if choice is not None:
             return choice
         if torch.compiler.is_compiling():  # (no lock, no timing in a traced forward)
-            return _untimed(strategy, *costs()) or by_flops(*costs())
+            return _untimed_or_flops(strategy, *costs())
         if not current:
             with self._lock:
                 module.made.clear()
@@ -265,7 +270,7 @@ class StrategyChooser:
                     self._timing[key] = (me, done)
                     break
             if timing[0] == me:  # asked again from inside its own timing run: never wait on oneself
-                return _untimed(strategy, *costs()) or by_flops(*costs())
+                return _untimed_or_flops(strategy, *costs())
             timing[1].wait()  # then look again: a timing that raised left no decision, and is retried
         try:
             choice = self._take(strategy, costs, make_run, device)
