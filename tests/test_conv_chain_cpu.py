@@ -105,7 +105,8 @@ def test_factorized_conv_output_and_input_gradient_follow_the_input_layout(fmt, 
 
 @pytest.mark.parametrize("fmt", ["tucker", "cp", "tr"])
 def test_factorized_conv_compiles_with_fullgraph_and_trains(fmt):
-    """The custom autograd function traces whole: compiled fwd+bwd against F.conv2d with the reference weight."""
+    """Compiled whole (inside torch.compile the chain's 1x1 steps are 1x1 convs): fwd+bwd against F.conv2d with the
+    reference weight."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     layer = CONVS[fmt](6, 8, 3, padding=1, rank=3, strategy="factorized")
@@ -116,6 +117,26 @@ def test_factorized_conv_compiles_with_fullgraph_and_trains(fmt):
     expected = F.conv2d(x, conv_weight(fmt, list(layer.cores), 8, 6, 3, 3), layer.bias, padding=1)
     for g, e in zip(got, torch.autograd.grad(expected.square().sum(), params)):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("x_last,y_last", [(False, True), (True, False)])
+def test_pixel_map_function_compiles_with_fullgraph(x_last, y_last):
+    """The GEMM autograd function itself traces whole (users may call it under compile): against matmul + bias."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, requires_grad=True)  # logical (B, C, P)
+    matrix, bias = torch.randn(4, 5, requires_grad=True), torch.randn(4, requires_grad=True)
+    stored = x.mT.contiguous() if x_last else x  # channels-last is stored (B, P, C)
+
+    def run(stored, matrix, bias):
+        y = pixel_map(stored, matrix, bias, x_last, y_last)
+        return y.mT if y_last else y
+    got_y = torch.compile(run, fullgraph=True, backend="aot_eager")(stored, matrix, bias)
+    got = torch.autograd.grad(got_y.square().sum(), (x, matrix, bias))
+    want_y = matrix @ x + bias[:, None]
+    torch.testing.assert_close(got_y, want_y, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, torch.autograd.grad(want_y.square().sum(), (x, matrix, bias))):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_torch_func_per_sample_gradients_match_a_loop():
