@@ -109,6 +109,8 @@ def machine(args, loads) -> str:
         text = f"GPU {torch.cuda.get_device_name(device)}; host {text}"
     if args.keep_freed_memory:
         text += f"; {NOTE}"
+    if getattr(args, "recompute", False):
+        text += "; --recompute: tnlayers.set_recompute on every tensorized model"
     end = "still running" if len(loads) < 2 else f"{loads[1]:.1f} at the end"
     return (text + f"; load average {loads[0]:.1f} at the start, {end} (a shared machine: compare the ratios, "
             "measured side by side in interleaved processes, rather than absolute times)")

@@ -203,6 +203,8 @@ def prepare(spec: dict):
     if spec["keep_freed_memory"]:
         keep_freed_memory()
     model = build(spec["model"], spec["format"], spec["rank"], device)
+    if spec.get("recompute"):
+        tnlayers.set_recompute(model)
     x, y = batch_of(spec["model"], argparse.Namespace(batch=spec["batch"], size=spec["size"]), device)
     return device, model, x, y, torch.optim.SGD(model.parameters(), **SGD)
 
@@ -263,7 +265,8 @@ def run_all(args, write) -> dict:
     """{configuration key: [child results]} over interleaved rounds; ``write(results)`` after every process, so a
     run stopped by --budget or killed still leaves what it measured."""
     common = dict(device=args.device, threads=args.threads, warmup=args.warmup, steps=args.steps,
-                  batch=args.batch, size=args.size, keep_freed_memory=args.keep_freed_memory)
+                  batch=args.batch, size=args.size, keep_freed_memory=args.keep_freed_memory,
+                  recompute=args.recompute)
     env = {"TORCHINDUCTOR_CACHE_DIR": args.cache_dir}
     configs, rng = configurations(args), random.Random(0)
     results, start = {key(c): [] for c in configs}, time.perf_counter()
@@ -305,7 +308,8 @@ def profile_choices(args) -> list:
 def profiles(args, chosen: list) -> list:
     """Each chosen variant of the first model profiled in its own process."""
     spec = dict(model=args.models[0], device=args.device, threads=args.threads, batch=args.batch, size=args.size,
-                keep_freed_memory=args.keep_freed_memory, steps=args.profile_steps, clock=args.clock)
+                keep_freed_memory=args.keep_freed_memory, steps=args.profile_steps, clock=args.clock,
+                recompute=args.recompute)
     return [run_child({**spec, "format": f, "rank": r}, {}, args.child_timeout, profile=True) for f, r in chosen]
 
 
@@ -342,6 +346,8 @@ def main(argv=None) -> None:
                         help='variants of the first model to profile next to dense, e.g. "tr 10" "tt 0.1" (default: '
                         'its first TR variant, else its first tensorized one); the flag alone: no profile')
     parser.add_argument("--profile-steps", type=int, default=3, help="train steps under the profiler")
+    parser.add_argument("--recompute", action="store_true", help="tnlayers.set_recompute on every tensorized "
+                        "model: factorized layers rerun their chain in backward instead of saving its intermediates")
     parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True, help=FLAG_HELP)
     parser.add_argument("--quick", action="store_true", help="defaults for a short run: ResNet-20, ranks 0.1 and TR "
                         "10, 2 rounds (CUDA: 1, a process there starts slower) of 2 warm-up and 5 timed steps")

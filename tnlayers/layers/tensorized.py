@@ -11,6 +11,7 @@ import math
 from typing import Tuple
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..contract import autocast_dtype
@@ -22,7 +23,7 @@ from .base import CoreModule, check_decomposition_options, check_tensor_values
 from .layout import layer_layout
 from .weight_cache import reuse_or_build
 
-__all__ = ["TensorizedLayer", "STRATEGIES"]
+__all__ = ["TensorizedLayer", "STRATEGIES", "set_recompute"]
 
 
 class TensorizedLayer(CoreModule):
@@ -32,6 +33,8 @@ class TensorizedLayer(CoreModule):
     dense_params: int  # parameters of the nn.Linear / nn.ConvNd this layer stands for (weight and bias)
     _weight_cache = None
     last_strategy = None  # the strategy the last eager forward ran ("dense" or "factorized")
+    # Training through the cores: keep only the chain's input and rerun the chain in backward (set_recompute)
+    recompute = False
 
     def _setup(self, format, in_dim: int, out_dim: int, kernel: Tuple[int, ...], rank, in_shape, out_shape,
                bias: bool, strategy: str, device, dtype, weight_std, depthwise: bool = False) -> None:
@@ -140,7 +143,16 @@ class TensorizedLayer(CoreModule):
             self.last_strategy = strategy
         if strategy == "dense":
             return self._dense(x, self._dense_weight(), self.bias)
-        return self._factorized(x, self.core_parameters(), self.bias)
+        return self._run_factorized(x, self.core_parameters(), self.bias)
+
+    def _run_factorized(self, x, cores, bias):
+        """The factorized chain; with ``recompute`` and a graph to record, as an activation checkpoint: backward
+        reruns the chain from its input instead of keeping its intermediates (as dense keeps only x and W)."""
+        if self.recompute and torch.is_grad_enabled():
+            # (the chain draws no random numbers: no RNG state to save and restore)
+            return torch.utils.checkpoint.checkpoint(self._factorized, x, list(cores), bias, use_reentrant=False,
+                                                     preserve_rng_state=False)
+        return self._factorized(x, cores, bias)
 
     def _needs_grad(self, x) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
@@ -149,7 +161,10 @@ class TensorizedLayer(CoreModule):
         """``set_strategy``'s override or this layer's ``strategy``; "auto"/"flops" decided once per input
         shape, device, dtype, autocast dtype and grad mode (see :mod:`tnlayers.strategy`)."""
         grad = self._needs_grad(x)
-        return chooser.choose(self._choices, self.strategy, x, self._shape_key(x), grad, lambda: self._costs(x),
+        shape_key = self._shape_key(x)
+        if self.recompute and grad:  # recomputing changes what auto times: a choice of its own
+            shape_key = (shape_key, "recompute")
+        return chooser.choose(self._choices, self.strategy, x, shape_key, grad, lambda: self._costs(x),
                               lambda: self._timing_run(x, grad), factorized=self._has_factorized())
 
     def _has_factorized(self) -> bool:
@@ -167,7 +182,7 @@ class TensorizedLayer(CoreModule):
             if strategy == "dense":
                 return self._dense(x, self.plan.weight(params).reshape(self._weight_shape()) if weight is None
                                    else weight, bias)
-            return self._factorized(x, params, bias)
+            return self._run_factorized(x, params, bias)
         return timing_run(forward, [t for t in (x, *params, bias) if t is not None and t.requires_grad], needs_grad)
 
     # -- weight cache ---------------------------------------------------------------------------------
@@ -197,3 +212,26 @@ class TensorizedLayer(CoreModule):
     def extra_repr(self) -> str:
         return (f"format={self.format!r}, ranks={self.ranks}, in_shape={self.in_shape}, out_shape={self.out_shape}, "
                 f"strategy={self.strategy!r}")
+
+
+def set_recompute(model: nn.Module, enabled: bool = True) -> int:
+    """Turn recomputation on (or off) for every tensorized layer in ``model`` (the model itself included); returns
+    how many layers were set. A layer that trains through its cores (the factorized strategy) then keeps only its
+    input for backward and reruns the chain there, as ``torch.utils.checkpoint`` does for a block: its saved
+    activations are the dense layer's (the input), for one more forward of the chain per step. ``auto`` times
+    the choice again with the recomputation counted. Dense-strategy calls, inference and ``torch.no_grad`` are
+    unchanged.
+
+        >>> import torch, tnlayers
+        >>> net = tnlayers.tensorize(torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3), torch.nn.ReLU()), rank=0.2)
+        >>> tnlayers.set_recompute(net)
+        1
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"set_recompute expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_recompute: enabled must be a bool, got {type(enabled).__name__}")
+    layers = [m for m in model.modules() if isinstance(m, TensorizedLayer)]
+    for layer in layers:
+        layer.recompute = enabled
+    return len(layers)
