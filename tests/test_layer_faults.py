@@ -32,12 +32,15 @@ def _quiet(make):
 
 # -- 1. the no-grad weight cache never serves a stale weight ----------------------------------------------------
 def _layer(kind, strategy):
+    """float64: a stale weight is off by O(1), while float32 rounding of the conv against the reference (its
+    summation order changes with oneDNN's kernel and thread count) reached 4e-6 relative on a 1-thread run."""
     torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
     if kind == "conv":  # full TT ranks: dense needs fewer FLOPs, so "auto" runs dense (with the cache)
-        return _quiet(lambda: TTConv2d(6, 5, 3, padding=1, rank=[1, 6, 5, 1], strategy=strategy)), \
-            torch.randn(2, 6, 7, 7)
-    return _quiet(lambda: TTLinear(12, 10, rank=10, in_shape=(12,), out_shape=(10,), strategy=strategy)), \
-        torch.randn(64, 12)
+        return _quiet(lambda: TTConv2d(6, 5, 3, padding=1, rank=[1, 6, 5, 1], strategy=strategy, **f64)), \
+            torch.randn(2, 6, 7, 7, **f64)
+    return _quiet(lambda: TTLinear(12, 10, rank=10, in_shape=(12,), out_shape=(10,), strategy=strategy, **f64)), \
+        torch.randn(64, 12, **f64)
 
 
 def _reference(layer, x):
