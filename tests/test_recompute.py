@@ -95,6 +95,29 @@ def test_auto_times_the_recomputed_chain_as_a_choice_of_its_own(monkeypatch):
     assert len(checkpointed) >= 2  # the timing's factorized run and the training forward
 
 
+def test_recompute_checkpoints_only_when_there_is_a_graph_to_record(monkeypatch):
+    """Frozen cores and an input without grad (grad mode on), or no_grad: nothing to save, so no checkpoint; the
+    output is the reference conv's either way."""
+    import tnlayers.layers.tensorized as tensorized
+    checkpointed = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(tensorized.torch.utils.checkpoint, "checkpoint",
+                        lambda *a, **k: checkpointed.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    layer = tnlayers.TTConv2d(6, 8, 3, padding=1, rank=3, strategy="factorized", dtype=torch.float64)
+    tnlayers.set_recompute(layer)
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    want = F.conv2d(x, conv_weight("tt", [c.detach() for c in layer.cores], 8, 6, 3, 3), layer.bias.detach(),
+                    padding=1)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-12)
+    layer.requires_grad_(False)
+    torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-12)
+    assert not checkpointed
+    layer(x.requires_grad_())  # an input that needs its gradient: checkpointed
+    assert checkpointed
+
+
 def test_recompute_compiles_with_fullgraph():
     torch._dynamo.reset()
     torch.manual_seed(0)

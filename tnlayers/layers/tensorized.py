@@ -148,7 +148,8 @@ class TensorizedLayer(CoreModule):
     def _run_factorized(self, x, cores, bias):
         """The factorized chain; with ``recompute`` and a graph to record, as an activation checkpoint: backward
         reruns the chain from its input instead of keeping its intermediates (as dense keeps only x and W)."""
-        if self.recompute and torch.is_grad_enabled():
+        if self.recompute and torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, *cores, bias)):
             # (the chain draws no random numbers: no RNG state to save and restore)
             return torch.utils.checkpoint.checkpoint(self._factorized, x, list(cores), bias, use_reentrant=False,
                                                      preserve_rng_state=False)
