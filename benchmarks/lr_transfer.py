@@ -19,7 +19,8 @@ the tensorized model diverges in no more seeds than the dense model in the same 
 accuracy is at least the tuned-lr run's mean minus that run's seed standard deviation.
 ``--remedy [ARCH ...]`` adds rows trained with a remedy at 1x and 2x the dense lr, judged against the same plain
 tuned-lr runs: ``--remedy-kind precondition`` (default) calls ``tnlayers.precondition_core_grads_(model)`` between
-backward and step; ``--remedy-kind param_groups`` trains with ``tnlayers.lr.param_groups`` (per-core lr
+backward and step; ``--remedy-kind precondition_project`` the same with ``overlap="project"`` (conjugate
+gradients towards the tangent-space projection); ``--remedy-kind param_groups`` trains with ``tnlayers.lr.param_groups`` (per-core lr
 multipliers matched to a dense step at init).
 
 The script imports ``tnlayers`` from the checkout it lies in (run a copy placed in another checkout's
@@ -123,6 +124,8 @@ def train_one(arch, fmt, bn, lr, seed, args, data, remedy=None) -> dict:
         loss.backward()
         if remedy == "precondition":
             tnlayers.precondition_core_grads_(model)
+        elif remedy == "precondition_project":
+            tnlayers.precondition_core_grads_(model, overlap="project")
         opt.step()
         sched.step()
         losses.append(value)
@@ -290,9 +293,9 @@ def init_choices():
     return {"default": {}}
 
 
-def exact_ratio(layer, grad, eta, multipliers=None, precondition=False):
+def exact_ratio(layer, grad, eta, multipliers=None, precondition=None):
     """||W(cores - eta m g) - W(cores)|| / ||eta G||, W rebuilt by the layer itself (float64); g preconditioned
-    by ``tnlayers.core_precondition.precondition_grads`` when ``precondition``."""
+    by ``tnlayers.core_precondition.precondition_grads`` with ``overlap=precondition`` when it is given."""
     import copy
     layer = copy.deepcopy(layer).double()
     layer.cache_weight = False
@@ -301,7 +304,7 @@ def exact_ratio(layer, grad, eta, multipliers=None, precondition=False):
     grads = torch.autograd.grad(weight, cores, grad.double())
     if precondition:
         from tnlayers.core_precondition import precondition_grads
-        grads = precondition_grads(layer, grads)
+        grads = precondition_grads(layer, grads, overlap=precondition)
     multipliers = multipliers or [1.0] * len(cores)
     with torch.no_grad():
         before = weight.detach().clone()
@@ -330,7 +333,7 @@ def ratio_grid(args) -> list:
         for kind, make in RATIO_LAYERS.items():
             for fmt in args.formats:
                 for rank in args.ratio_ranks:
-                    exact, first, remedy, real, pre = [], [], [], [], []
+                    exact, first, remedy, real, pre, proj = [], [], [], [], [], []
                     for seed in range(args.ratio_seeds):
                         torch.manual_seed(seed)
                         with warnings.catch_warnings():
@@ -341,18 +344,21 @@ def ratio_grid(args) -> list:
                         first.append(step_ratio(layer, layer._weight_to_modes(grad.double())))
                         m = core_lr_multipliers(layer)  # matched with its own probe (seed 0), checked on this one
                         remedy.append(exact_ratio(layer, grad, eta, m))
-                        pre.append(exact_ratio(layer, grad, eta, precondition=True))
+                        pre.append(exact_ratio(layer, grad, eta, precondition="mean"))
+                        proj.append(exact_ratio(layer, grad, eta, precondition="project"))
                         if kind.startswith("conv") and rank == 0.1:
                             g = digits_gradient(layer, seed)
                             real.append((exact_ratio(layer, g, eta), exact_ratio(layer, g, eta, m),
-                                         exact_ratio(layer, g, eta, precondition=True)))
+                                         exact_ratio(layer, g, eta, precondition="mean"),
+                                         exact_ratio(layer, g, eta, precondition="project")))
                     row = dict(init=init, layer=kind, format=fmt, rank=rank, cores=len(layer.core_parameters()),
                                exact=mean_std(exact), first_order=mean_std(first), remedy=mean_std(remedy),
-                               precondition=mean_std(pre))
+                               precondition=mean_std(pre), project=mean_std(proj))
                     if real:
                         row["digits"] = mean_std([r[0] for r in real])
                         row["digits_remedy"] = mean_std([r[1] for r in real])
                         row["digits_precondition"] = mean_std([r[2] for r in real])
+                        row["digits_project"] = mean_std([r[3] for r in real])
                     rows.append(row)
                     if not args.quiet:
                         print(init, kind, fmt, rank, f"{row['exact'][0]:.3f}", flush=True)
@@ -371,21 +377,23 @@ def write_ratios(rows, args, seconds, out: Path) -> None:
              f"{args.ratio_seeds} seeds (layer init and G). *exact*: W rebuilt by the layer after the step (float64); "
              "*first order*: `tnlayers.lr.step_ratio` (||Σ_k J_k J_kᵀ G|| / ||G||). *param_groups*: exact ratio with "
              "the per-core multipliers of `tnlayers.param_groups` (matched on their own Gaussian probes, checked on this G). "
-             "*preconditioned*: exact ratio with the gradients of `tnlayers.precondition_core_grads_` (damping 0.01). *digits*: G "
+             "*preconditioned*: exact ratio with the gradients of `tnlayers.precondition_core_grads_` (damping 0.01); "
+             "*project*: the same with `overlap=\"project\"` (4 conjugate-gradient iterations). *digits*: G "
              "= the gradient of a cross-entropy loss on 32 digits (conv rows at rank 0.1 only).",
              "- Rank: fraction of the dense layer's parameters (the layers' float rank).", ""]
     for init in inits:
         lines += [f"## Init: {init}", "",
                   "| layer | format | rank | cores | exact | first order | param_groups (exact) | preconditioned (exact) "
-                  "| digits G | digits G, param_groups | digits G, preconditioned |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| project (exact) | digits G | digits G, param_groups | digits G, preconditioned | digits G, project |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r["init"] != init:
                 continue
             ms = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}" if v else ""  # noqa: E731
             lines.append(f"| {r['layer']} | {r['format']} | {r['rank']:g} | {r['cores']} | {ms(r['exact'])} | "
                          f"{ms(r['first_order'])} | {ms(r['remedy'])} | {ms(r.get('precondition'))} | "
-                         f"{ms(r.get('digits'))} | {ms(r.get('digits_remedy'))} | {ms(r.get('digits_precondition'))} |")
+                         f"{ms(r.get('project'))} | {ms(r.get('digits'))} | {ms(r.get('digits_remedy'))} | "
+                         f"{ms(r.get('digits_precondition'))} | {ms(r.get('digits_project'))} |")
         lines.append("")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
@@ -429,7 +437,8 @@ def parse_args(argv=None):
     p.add_argument("--resnet-steps", type=int, default=100)
     p.add_argument("--remedy", nargs="*", choices=list(ARCHS), default=None,
                    help="also train these models (all when none named) with the --remedy-kind remedy")
-    p.add_argument("--remedy-kind", choices=["precondition", "param_groups"], default="precondition",
+    p.add_argument("--remedy-kind", choices=["precondition", "precondition_project", "param_groups"],
+                   default="precondition",
                    help="the remedy --remedy trains with (default: tnlayers.precondition_core_grads_)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="2 seeds, 3 steps, TT only: a smoke run in seconds")

@@ -83,12 +83,12 @@ class PreconditionedSGD(torch.optim.SGD):
     """torch.optim.SGD whose step first calls ``tnlayers.precondition_core_grads_(model)`` (the opt-in
     remedy for the step size on W): its cost is what "SGD+precondition" measures."""
 
-    def __init__(self, model, **options):
+    def __init__(self, model, overlap="mean", **options):
         super().__init__(model.parameters(), **options)
-        self._model = model
+        self._model, self._overlap = model, overlap
 
     def step(self, closure=None):
-        precondition_core_grads_(self._model)
+        precondition_core_grads_(self._model, overlap=self._overlap)
         return super().step(closure)
 
 
@@ -98,6 +98,8 @@ def make_optimizer(method: str, params, total_steps: int, eig_every: int = 10, e
         return torch.optim.SGD(params, **base)
     if method == "SGD+precondition":
         return PreconditionedSGD(model, **base)
+    if method == "SGD+precondition-project":  # overlap="project", 4 conjugate-gradient iterations
+        return PreconditionedSGD(model, overlap="project", **base)
     if method == "SAM":
         return SAM(params, torch.optim.SGD, rho=0.05, **base)
     if method == "DAS":
@@ -250,8 +252,9 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--steps", type=int, default=2, help="steps per method per round")
     parser.add_argument("--methods", nargs="+", default=None,
-                        help="default: SGD SAM DAS BAR XSAM GSAM, plus DAS-triton on CUDA; also SGD+precondition "
-                             "(SGD after tnlayers.precondition_core_grads_)")
+                        help="default: SGD SAM DAS BAR XSAM GSAM, plus DAS-triton on CUDA; also SGD+precondition and "
+                             "SGD+precondition-project (SGD after tnlayers.precondition_core_grads_, overlap 'mean' "
+                             "or 'project')")
     parser.add_argument("--eig-every", type=int, default=10, help="XSAM: steps between eigenvector updates")
     parser.add_argument("--eig-iters", type=int, default=5, help="XSAM: power iterations per update")
     parser.add_argument("--keep-freed-memory", action="store_true", help=FLAG_HELP)

@@ -194,3 +194,107 @@ def test_copy_keeps_working():
     b = precondition_grads(clone, _grads_from(clone, G))
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y)
+
+
+# overlap="project": conjugate gradients on the K cores together, so that the first-order step on W tends to
+# the orthogonal projection of G onto everything the cores can reach at once (the tangent space), instead of
+# the mean of K separate projections. Reference: J J⁺ G with J = [J_1 … J_K] by dense linear algebra.
+
+
+def _assert_close_in_norm(got, ref, rel):
+    # the iteration stops once its residual is at rounding level (relative √(100 ε) ≈ 1.5e-7 in float64), so the
+    # limit is reached to that accuracy in norm, not elementwise
+    assert float((got - ref).norm()) <= rel * float(ref.norm()) + 1e-12, float((got - ref).norm() / ref.norm())
+
+
+def _tangent_projection(layer, G, live=None):
+    J = _jacobians(layer)
+    J = torch.cat([Jk for k, Jk in enumerate(J) if live is None or k in live], dim=1)
+    return J @ (torch.linalg.pinv(J) @ G.reshape(-1))
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_project_overlap_converges_to_the_tangent_projection(fmt, kind):
+    layer = _layer(fmt, kind, rank=2, seed=5)
+    G = torch.randn(layer.network.modes, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    ref = _tangent_projection(layer, G)
+    for damping in (0.0, 1e-2):  # the damping shapes the preconditioner only, not the limit
+        pre = precondition_grads(layer, _grads_from(layer, G), damping=damping, overlap="project", iterations=100)
+        _assert_close_in_norm(_first_order_step(layer, pre), ref, 1e-6)
+    # and it reaches further than the mean of the K separate projections (the default) ever does
+    mean = _first_order_step(layer, precondition_grads(layer, _grads_from(layer, G), damping=0.0, overlap="mean"))
+    assert float(ref.norm()) > float(mean.norm())
+
+
+@settings(max_examples=15, deadline=None)
+@given(fmt=st.sampled_from(FORMATS), kind=st.sampled_from(["conv", "linear"]), rank=st.integers(1, 4),
+       damping=st.sampled_from([0.0, 1e-3, 1e-2, 0.3]), iterations=st.integers(1, 8), seed=st.integers(0, 1000),
+       scales=st.lists(st.floats(0.05, 20.0), min_size=8, max_size=8))
+def test_project_overlap_is_bounded_at_every_iteration_and_scale_free_when_converged(fmt, kind, rank, damping,
+                                                                                     iterations, seed, scales):
+    # every iterate is G's projection onto a subspace of the tangent space: never longer than a dense step,
+    # however the cores are scaled and balanced; converged (200 iterations: a TR at rank 4 has 225 tangent
+    # directions), the step is the projection itself, which rescaling the cores does not change
+    layer = _layer(fmt, kind, rank, seed)
+    with torch.no_grad():
+        for core, c in zip(layer.core_parameters(), scales):
+            core.mul_(c)
+    G = torch.randn(layer.network.modes, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    J = torch.cat(_jacobians(layer), dim=1)  # [J_1 … J_K], once per example
+
+    def first_order(pre):
+        return J @ torch.cat([g.reshape(-1) for g in pre])
+
+    step = first_order(precondition_grads(layer, _grads_from(layer, G), damping, "project", iterations))
+    assert float(step.norm()) <= float(G.norm()) * (1 + 1e-9)
+    converged = first_order(precondition_grads(layer, _grads_from(layer, G), damping, "project", 200))
+    _assert_close_in_norm(converged, J @ (torch.linalg.pinv(J) @ G.reshape(-1)), 1e-5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_project_overlap_along_W_gives_exactly_the_dense_step(fmt):
+    layer = _layer(fmt, "linear", rank=2, seed=7)
+    W = _weight(layer.network, [c.detach() for c in layer.core_parameters()])
+    pre = precondition_grads(layer, _grads_from(layer, W), damping=0.0, overlap="project", iterations=1)
+    torch.testing.assert_close(_first_order_step(layer, pre), W.reshape(-1), rtol=1e-8, atol=1e-10)
+
+
+def test_project_overlap_in_place_with_a_frozen_core():
+    layer = _layer("tt", "linear", rank=2, seed=8)
+    G = torch.randn(layer.network.modes, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    cores = layer.core_parameters()
+    for core, grad in zip(cores, _grads_from(layer, G)):
+        core.grad = grad
+    cores[1].grad = None  # frozen: the others project onto what they alone can reach
+    tnlayers.precondition_core_grads_(layer, damping=0.0, overlap="project", iterations=40)
+    assert cores[1].grad is None
+    J = _jacobians(layer)
+    moved = sum(J[k] @ core.grad.reshape(-1) for k, core in enumerate(cores) if k != 1)
+    live = [k for k in range(len(cores)) if k != 1]
+    _assert_close_in_norm(moved, _tangent_projection(layer, G, live), 1e-6)
+
+
+def test_project_overlap_degenerate_environment_stays_finite():
+    layer = _layer("tt", "linear", 3)
+    with torch.no_grad():
+        layer.core_parameters()[0].zero_()  # W = 0: only core 0 moves W, along its own environment
+    G = torch.randn(layer.network.modes, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    for damping in (0.0, 1e-2):
+        pre = precondition_grads(layer, _grads_from(layer, G), damping=damping, overlap="project", iterations=20)
+        assert all(torch.isfinite(p).all() for p in pre)
+        step = _first_order_step(layer, pre)
+        _assert_close_in_norm(step, _tangent_projection(layer, G), 1e-6)
+
+
+@pytest.mark.parametrize("bad", ["sum", None, 1])
+def test_bad_overlap_is_refused(bad):
+    with pytest.raises(ValueError, match="overlap"):
+        tnlayers.precondition_core_grads_(tnlayers.TTLinear(8, 8, rank=2), overlap=bad)
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-3, ValueError), (2.0, TypeError), (True, TypeError),
+                                        ("4", TypeError)])
+def test_bad_iterations_is_refused(bad, error):
+    with pytest.raises(error, match="iterations"):
+        tnlayers.precondition_core_grads_(tnlayers.TTLinear(8, 8, rank=2), overlap="project", iterations=bad)
