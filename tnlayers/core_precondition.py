@@ -44,7 +44,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
-from .contract import Contraction
+from .contract import Contraction, expression
 from .formats.network import einsum_equation
 from .groups import core_groups, group_module
 from .layers.factorized_tensor import FactorizedTensor
@@ -162,20 +162,29 @@ def _chain_grams(net, cores: Sequence[torch.Tensor]) -> dict:
     return grams
 
 
-def _solve_along(grad: torch.Tensor, labels: Sequence[str], bonds: Sequence[str], gram: torch.Tensor,
-                 damping: float) -> torch.Tensor:
-    """``grad`` with its ``bonds`` axes multiplied by (gram + damping · mean diag · I)⁻¹ (gram symmetric; its
-    pseudo-inverse when ``damping`` is 0)."""
+def _inverse(gram: torch.Tensor, damping: float) -> Tuple[str, torch.Tensor]:
+    """How to apply (gram + damping · mean diag · I)⁻¹, factored once (conjugate gradients apply it every
+    iteration): a Cholesky factor, or the pseudo-inverse when ``damping`` is 0 (still a projection where the
+    Gram is singular, a rank above a mode)."""
     d = gram.shape[0]
-    order = [i for i, x in enumerate(labels) if x not in bonds] + [labels.index(b) for b in bonds]
-    moved = grad.permute(order)
-    rows = moved.reshape(-1, d)
     if damping > 0:
         gram = gram + (damping * gram.diagonal().mean()) * torch.eye(d, dtype=gram.dtype, device=gram.device)
         factor, _ = torch.linalg.cholesky_ex(gram)  # no host sync; a failed factor gives non-finite values
-        solved = torch.cholesky_solve(rows.T, factor).T.reshape(moved.shape)
-    else:  # undamped: the pseudo-inverse, still a projection where the Gram is singular (a rank above a mode)
-        solved = (rows @ torch.linalg.pinv(gram, hermitian=True)).reshape(moved.shape)
+        return "cholesky", factor
+    return "pinv", torch.linalg.pinv(gram, hermitian=True)
+
+
+def _solve_along(grad: torch.Tensor, labels: Sequence[str], bonds: Sequence[str], inverse) -> torch.Tensor:
+    """``grad`` with its ``bonds`` axes multiplied by the ``inverse`` of :func:`_inverse` (gram symmetric)."""
+    kind, matrix = inverse
+    d = matrix.shape[0]
+    order = [i for i, x in enumerate(labels) if x not in bonds] + [labels.index(b) for b in bonds]
+    moved = grad.permute(order)
+    rows = moved.reshape(-1, d)
+    if kind == "cholesky":
+        solved = torch.cholesky_solve(rows.T, matrix).T.reshape(moved.shape)
+    else:
+        solved = (rows @ matrix).reshape(moved.shape)
     return solved.permute([order.index(i) for i in range(len(order))])
 
 
@@ -208,13 +217,13 @@ def _project(net, cores, grads, solve, iterations: int) -> List[torch.Tensor]:
     all the cores' directions (the tangent space), and every iterate has ‖J x‖ ≤ ‖G‖ (J x is G's projection
     onto a subspace of it)."""
     live = [k for k, g in enumerate(grads) if g is not None]
-    equation = net.equation()
+    contract = expression(net.equation(), tuple(tuple(c.shape) for c in cores))[0]  # path searched once
 
     def weight(*moving):
         full = list(cores)
         for k, c in zip(live, moving):
             full[k] = c
-        return torch.einsum(equation, *full)
+        return contract(*full)
 
     _, pullback = torch.func.vjp(weight, *[cores[k] for k in live])
 
@@ -268,9 +277,11 @@ def precondition_grads(module: nn.Module, grads: Sequence[torch.Tensor | None], 
     cores = [c.detach().to(dtype) for c in module.core_parameters()]
     grams = _grams(module, cores)
 
+    inverses = [[(bonds, _inverse(gram, damping)) for bonds, gram in pieces] for pieces in grams]
+
     def solve(k, tensor):
-        for bonds, gram in grams[k]:
-            tensor = _solve_along(tensor, net.cores[k], bonds, gram, damping)
+        for bonds, inverse in inverses[k]:
+            tensor = _solve_along(tensor, net.cores[k], bonds, inverse)
         return tensor
 
     work = [None if g is None else g.to(dtype) for g in grads]
