@@ -268,7 +268,9 @@ def precondition_grads(module: nn.Module, grads: Sequence[torch.Tensor | None], 
     :class:`~tnlayers.FactorizedTensor`), from ``grads`` (one per core, ``None`` kept). Computed in float32
     at least. ``damping=0`` uses the pseudo-inverse (the exact projection, also where a Gram is singular); a
     core whose result is not finite (an all-zero environment under damping) keeps its gradient.
-    ``overlap`` chooses how the K corrections are combined (see :func:`precondition_core_grads_`)."""
+    ``overlap`` chooses how the K corrections are combined (see :func:`precondition_core_grads_`); with
+    ``"project"`` such a core sits out of the iteration instead and gets a zero step (its raw gradient is
+    zero too: J_k = 0). ``iterations`` is not checked here (:func:`precondition_core_grads_` checks it)."""
     net = module.network
     present = [g for g in grads if g is not None]
     if not present:
