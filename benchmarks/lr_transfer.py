@@ -20,8 +20,8 @@ accuracy is at least the tuned-lr run's mean minus that run's seed standard devi
 ``--remedy [ARCH ...]`` adds rows trained with a remedy at 1x and 2x the dense lr, judged against the same plain
 tuned-lr runs: ``--remedy-kind precondition`` (default) calls ``tnlayers.precondition_core_grads_(model)`` between
 backward and step; ``--remedy-kind precondition_project`` the same with ``overlap="project"`` (conjugate
-gradients towards the tangent-space projection); ``--remedy-kind param_groups`` trains with ``tnlayers.lr.param_groups`` (per-core lr
-multipliers matched to a dense step at init).
+gradients towards the tangent-space projection); ``--remedy-kind param_groups`` trains with
+``tnlayers.lr.param_groups`` (per-core lr multipliers matched to a dense step at init).
 
 The script imports ``tnlayers`` from the checkout it lies in (run a copy placed in another checkout's
 ``benchmarks/`` to measure that checkout); the file it used is written into the results.

@@ -298,3 +298,15 @@ def test_bad_overlap_is_refused(bad):
 def test_bad_iterations_is_refused(bad, error):
     with pytest.raises(error, match="iterations"):
         tnlayers.precondition_core_grads_(tnlayers.TTLinear(8, 8, rank=2), overlap="project", iterations=bad)
+
+
+@pytest.mark.parametrize("options, error, name", [(dict(overlap="sum"), ValueError, "overlap"),
+                                                  (dict(damping=-1.0), ValueError, "damping"),
+                                                  (dict(overlap="project", iterations=0), ValueError, "iterations"),
+                                                  (dict(iterations=2.0), TypeError, "iterations")])
+def test_precondition_grads_refuses_what_the_in_place_form_refuses(options, error, name):
+    # the functional form is public too: an unknown overlap must not fall through to an unscaled step
+    layer = _layer("tt", "linear", rank=2)
+    G = torch.randn(layer.network.modes, dtype=torch.float64)
+    with pytest.raises(error, match=name):
+        precondition_grads(layer, _grads_from(layer, G), **options)

@@ -191,13 +191,28 @@ def _solve_along(grad: torch.Tensor, labels: Sequence[str], bonds: Sequence[str]
 OVERLAPS = ("mean", "project")
 
 
-def _grams(module: nn.Module, cores: Sequence[torch.Tensor]) -> List[List[Tuple[Tuple[str, ...], torch.Tensor]]]:
-    """Per core k: [(bonds, Gram over those bonds)] for each piece of its environment."""
+def _checked(damping, overlap, iterations) -> Tuple[float, int]:
+    """The options as float and int, or a TypeError/ValueError naming the bad one."""
+    if isinstance(damping, bool) or not isinstance(damping, Real):
+        raise TypeError(f"damping must be a number >= 0, got {type(damping).__name__}")
+    if not (math.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+    if overlap not in OVERLAPS:
+        raise ValueError(f"overlap must be one of {', '.join(map(repr, OVERLAPS))}, got {overlap!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, Integral):
+        raise TypeError(f"iterations must be an int >= 1, got {type(iterations).__name__}")
+    if iterations < 1:
+        raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+    return float(damping), int(iterations)
+
+
+def _grams(module: nn.Module, cores: Sequence[torch.Tensor], live: Sequence[int]) -> dict:
+    """{k: [(bonds, Gram over those bonds)] for each piece of core k's environment} for the cores in ``live``."""
     net = module.network
     plan = _plan(tuple(net.cores), tuple(sorted(net.sizes.items())))
-    chain = _chain_grams(net, cores) if _is_chain(tuple(net.cores)) else None
-    out = []
-    for k in range(len(cores)):
+    chain = _chain_grams(net, cores) if _is_chain(tuple(net.cores)) else None  # all at once: prefix/suffix
+    out = {}
+    for k in live:
         pieces = []
         for members, bonds, contraction in plan[k]:
             d = math.prod(net.sizes[b] for b in bonds)
@@ -207,7 +222,7 @@ def _grams(module: nn.Module, cores: Sequence[torch.Tensor]) -> List[List[Tuple[
                 ops = [cores[j] for j in members]
                 gram = contraction(*ops, *ops).reshape(d, d)
             pieces.append((bonds, gram))
-        out.append(pieces)
+        out[k] = pieces
     return out
 
 
@@ -270,16 +285,16 @@ def precondition_grads(module: nn.Module, grads: Sequence[torch.Tensor | None], 
     core whose result is not finite (an all-zero environment under damping) keeps its gradient.
     ``overlap`` chooses how the K corrections are combined (see :func:`precondition_core_grads_`); with
     ``"project"`` such a core sits out of the iteration instead and gets a zero step (its raw gradient is
-    zero too: J_k = 0). ``iterations`` is not checked here (:func:`precondition_core_grads_` checks it)."""
+    zero too: J_k = 0). Bad options raise as in :func:`precondition_core_grads_`."""
+    damping, iterations = _checked(damping, overlap, iterations)
     net = module.network
-    present = [g for g in grads if g is not None]
-    if not present:
+    live = [k for k, g in enumerate(grads) if g is not None]
+    if not live:
         return list(grads)
-    dtype = torch.promote_types(present[0].dtype, torch.float32)
+    dtype = torch.promote_types(grads[live[0]].dtype, torch.float32)
     cores = [c.detach().to(dtype) for c in module.core_parameters()]
-    grams = _grams(module, cores)
-
-    inverses = [[(bonds, _inverse(gram, damping)) for bonds, gram in pieces] for pieces in grams]
+    inverses = {k: [(bonds, _inverse(gram, damping)) for bonds, gram in pieces]
+                for k, pieces in _grams(module, cores, live).items()}
 
     def solve(k, tensor):
         for bonds, inverse in inverses[k]:
@@ -290,9 +305,7 @@ def precondition_grads(module: nn.Module, grads: Sequence[torch.Tensor | None], 
     if overlap == "project":
         steps = _project(net, cores, work, solve, iterations)
     else:
-        steps = [None if g is None else solve(k, g) for k, g in enumerate(work)]
-    if overlap == "mean":
-        steps = [None if s is None else s / len(cores) for s in steps]
+        steps = [None if g is None else solve(k, g) / len(cores) for k, g in enumerate(work)]
     return [None if g is None else torch.where(torch.isfinite(s).all(), s, w).to(g.dtype)
             for g, s, w in zip(grads, steps, work)]
 
@@ -328,18 +341,7 @@ def precondition_core_grads_(model: nn.Module, damping: float = 1e-2, overlap: s
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"precondition_core_grads_ expects an nn.Module, got {type(model).__name__}")
-    if isinstance(damping, bool) or not isinstance(damping, Real):
-        raise TypeError(f"damping must be a number >= 0, got {type(damping).__name__}")
-    if not (math.isfinite(damping) and damping >= 0):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
-    damping = float(damping)
-    if overlap not in OVERLAPS:
-        raise ValueError(f"overlap must be one of {', '.join(map(repr, OVERLAPS))}, got {overlap!r}")
-    if isinstance(iterations, bool) or not isinstance(iterations, Integral):
-        raise TypeError(f"iterations must be an int >= 1, got {type(iterations).__name__}")
-    if iterations < 1:
-        raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
-    iterations = int(iterations)
+    damping, iterations = _checked(damping, overlap, iterations)
     seen = set()
     for name, cores in core_groups(model):
         module = group_module(model, name)
