@@ -69,6 +69,24 @@ def test_contraction_equals_one_einsum(equation, shapes):
     torch.testing.assert_close(contraction(*operands), torch.einsum(equation, *operands), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("equation, shapes", CASES + [("abc,cde,efa->bdf", ((3, 0, 2), (2, 5, 4), (4, 6, 3)))]
+                         + [_random_case(random.Random(seed)) for seed in range(20, 40)])
+def test_contraction_gradients_equal_one_einsums(equation, shapes):
+    """The steps run as permute/reshape/mm (tnlayers/pairwise_step.py): their backward, a zero-size mode and
+    a non-contiguous upstream gradient included, gives what autograd gives for one torch.einsum."""
+    gen = torch.Generator().manual_seed(1)
+    ours = [torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True) for s in shapes]
+    ref = [t.detach().clone().requires_grad_() for t in ours]
+    out, expected = Contraction(equation, shapes)(*ours), torch.einsum(equation, *ref)
+    # same shape as the output, transposed strides
+    upstream = torch.randn(tuple(reversed(out.shape)), generator=gen, dtype=torch.float64).permute(
+        tuple(reversed(range(out.dim()))))
+    out.backward(upstream)
+    expected.backward(upstream)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_pairwise_steps_refuse_what_they_cannot_read():
     with pytest.raises(ValueError, match="explicit equation"):
         pairwise_steps("ab,bc", [(0, 1)])

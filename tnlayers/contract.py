@@ -10,15 +10,16 @@ Two ways to apply a tensorized layer to an input:
   folded into the batch.
 Each plan carries opt_einsum's FLOP estimate, which ``"auto"`` starts from (see :mod:`tnlayers.strategy`).
 
-opt_einsum only plans: a :class:`Contraction` runs its pairwise steps as plain ``torch.einsum`` calls, so
-``torch.compile(fullgraph=True)`` traces a layer's forward without entering opt_einsum (or numpy).
+opt_einsum only plans: a :class:`Contraction` runs its pairwise steps as plain torch ops (each step's permutes,
+reshapes and one matmul, worked out once: :mod:`tnlayers.pairwise_step`), so ``torch.compile(fullgraph=True)``
+traces a layer's forward without entering opt_einsum (or numpy).
 A tensor ring's weight, where that path would hold an intermediate larger than the weight, is contracted
 in chunks of its closing bond instead (:mod:`tnlayers.ring_weight`).
 Design notes: docs/design.md, 'Contraction planning'.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 from math import prod
 from typing import Sequence, Tuple
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from .formats.network import Network, einsum_equation, mode_label
 from .conv_chain_cpu import from_pixels, is_channels_last, pixel_map, to_pixels
+from .pairwise_step import PairStep
 from .ring_weight import RingWeight, ring_order
 
 __all__ = ["Contraction", "expression", "LinearPlan", "ConvPlan", "CONV_FUNCTIONS"]
@@ -79,6 +81,10 @@ class Contraction:
         self.equation = equation
         self.cost = int(info.opt_cost)
         self.steps = pairwise_steps(equation, path)
+        # two operands: permutes, reshapes and one mm/bmm, worked out here (torch.einsum would parse the
+        # equation and unsqueeze both operands on every call); one operand: torch.einsum as it is
+        self._run = tuple((positions, PairStep(step) if len(positions) == 2 else partial(torch.einsum, step))
+                          for positions, step in self.steps)
         size = {label: n for term, shape in zip(equation.split("->")[0].split(","), shapes)
                 for label, n in zip(term, shape)}
         # entries of the largest tensor a step makes (the result included): what the contraction holds at most
@@ -87,11 +93,9 @@ class Contraction:
 
     def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
         work = list(operands)
-        # torch.einsum per step; the precomputed-matmul form (tnlayers/pairwise_step.py) is not used here yet:
-        # one CI run with it crashed in a backward of tests/test_fuzz.py, not yet explained
-        for positions, step in self.steps:
+        for positions, step in self._run:
             picked = [work.pop(i) for i in positions]
-            work.append(torch.einsum(step, *picked))
+            work.append(step(*picked))
         return work[0]
 
 
