@@ -171,7 +171,8 @@ def targets(figures: dict) -> list:
         text = "MISSED: " + ", ".join(bad) if bad else "met" if len(absent) < len(pairs) else "not measured"
         return text + (f" (not measured: {', '.join(absent)})" if absent and len(absent) < len(pairs) else "")
     tensorized = [(n, f, dense) for n, f in figures.items() if n != "dense"]
-    tenth = [t for t in tensorized if t[0].split()[0] in ("tt", "cp", "tucker") and t[0].split()[-1] == "0.1"]
+    tenth = [t for t in tensorized  # ("tt+batched 0.1" counts too)
+             if t[0].split()[0].split("+")[0] in ("tt", "cp", "tucker") and t[0].split()[-1] == "0.1"]
     own = [(n, f, f) for n, f, _ in tensorized]
     return [f"- Eager train step <= 1.0x dense: {verdict(tensorized, 1.0, 'train_eager_s', 'train_eager_s')}",
             f"- Eager eval <= 1.0x dense: {verdict(tensorized, 1.0, 'eval_eager_s', 'eval_eager_s')}",

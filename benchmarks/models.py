@@ -11,7 +11,9 @@ Models: CIFAR ResNet-20 / ResNet-32 (batch 128, 32x32) and ResNet-18 (10 classes
 Variants of each: dense; TR at ``--tr-ranks`` (int ranks on the paper's Table 8 shapes: 15 is the paper's,
 10 the rank first measured) on the CIFAR nets; TT, CP, Tucker (and TR on ResNet-18) at ``--ranks``, fractions
 of each conv's parameters (10% / 25%); on ResNet-18 also the paper's TT at Table 9 ranks. Every conv is
-tensorized (``tensorize``'s default: the classifier stays dense), ``strategy="auto"``.
+tensorized (``tensorize``'s default: the classifier stays dense), ``strategy="auto"``. ``--batched-weights``
+adds each tensorized variant once more with ``tnlayers.set_batched_weights`` (labelled ``tr+batched 8``), so both
+rebuild modes are measured side by side in one run.
 
 Each configuration (model, variant, eager or compiled) runs in its own process: one eager train step and
 eval forward first (``auto`` times its choices there; a compiled model then uses those choices), for
@@ -69,6 +71,7 @@ MODELS = {"resnet20": (lambda: resnet20(), 128, 32), "resnet32": (lambda: resnet
 FORMATS = ("tt", "tr", "cp", "tucker")
 MODES = ("eager", "compile")
 SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+BATCHED = "+batched"  # a variant's format with this suffix: the same model with tnlayers.set_batched_weights
 
 
 def variants(model: str, args) -> list:
@@ -80,6 +83,8 @@ def variants(model: str, args) -> list:
             out.append(("tt", "table9"))
         ranks = args.tr_ranks if fmt == "tr" and model != "resnet18" else args.ranks
         out += [(fmt, rank) for rank in ranks]
+    if getattr(args, "batched_weights", False):  # each tensorized variant twice: per-layer and batched rebuilds
+        out = [v for f, r in out for v in ([(f, r)] if f == "dense" else [(f, r), (f + BATCHED, r)])]
     return out
 
 
@@ -88,13 +93,21 @@ def label(fmt: str, rank) -> str:
 
 
 def build(model: str, fmt: str, rank, device) -> torch.nn.Module:
+    """``fmt`` may end in ``+batched``: then with ``tnlayers.set_batched_weights``."""
     torch.manual_seed(0)
     net = MODELS[model][0]()
+    fmt, batched = base_format(fmt), fmt.endswith(BATCHED)
     if fmt != "dense":
         with warnings.catch_warnings():  # Table 8's stem, Table 9's r1 > C_in: they warn, known (the paper's)
             warnings.simplefilter("ignore")
             net = tnlayers.tensorize(net, format=fmt, rank=TABLE9 if rank == "table9" else rank)
+    if batched:
+        tnlayers.set_batched_weights(net)
     return net.to(device)
+
+
+def base_format(fmt: str) -> str:
+    return fmt[:-len(BATCHED)] if fmt.endswith(BATCHED) else fmt
 
 
 def batch_of(model: str, args, device):
@@ -254,7 +267,7 @@ def run_child(spec: dict, env: dict, timeout: float, profile: bool = False) -> d
 def configurations(args) -> list:
     return [dict(model=model, format=fmt, rank=rank, mode=mode)
             for model in args.models for fmt, rank in variants(model, args) for mode in args.modes
-            if mode == "eager" or fmt in args.compile_formats]
+            if mode == "eager" or base_format(fmt) in args.compile_formats]
 
 
 def key(spec: dict) -> str:
@@ -348,6 +361,9 @@ def main(argv=None) -> None:
     parser.add_argument("--profile-steps", type=int, default=3, help="train steps under the profiler")
     parser.add_argument("--recompute", action="store_true", help="tnlayers.set_recompute on every tensorized "
                         "model: factorized layers rerun their chain in backward instead of saving its intermediates")
+    parser.add_argument("--batched-weights", action="store_true", help="also each tensorized variant with "
+                        "tnlayers.set_batched_weights (labelled '<format>+batched'): same-shape layers rebuild their "
+                        "weights in one contraction per step")
     parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True, help=FLAG_HELP)
     parser.add_argument("--quick", action="store_true", help="defaults for a short run: ResNet-20, ranks 0.1 and TR "
                         "10, 2 rounds (CUDA: 1, a process there starts slower) of 2 warm-up and 5 timed steps")

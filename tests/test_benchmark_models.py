@@ -76,6 +76,21 @@ def test_variants_per_model(bench):
     assert bench.variants("resnet18", args) == [("dense", None), ("tt", "table9"), ("tt", 0.1), ("tt", 0.25),
                                                 ("tr", 0.1), ("tr", 0.25), ("cp", 0.1), ("cp", 0.25)]
     assert bench.parse_rank("10") == 10 and isinstance(bench.parse_rank("10"), int) and bench.parse_rank("0.1") == 0.1
+    args.batched_weights = True  # each tensorized variant also with set_batched_weights, next to it
+    assert bench.variants("resnet20", args)[:4] == [("dense", None), ("tt", 0.1), ("tt+batched", 0.1), ("tt", 0.25)]
+
+
+def test_batched_variant_runs_with_batched_rebuilds(bench, tmp_path):
+    out = tmp_path / "models.md"
+    bench.main(["--models", "tiny", "--formats", "tr", "--tr-ranks", "3", "--modes", "eager", "--repeats", "1",
+                "--steps", "2", "--warmup", "1", "--threads", "1", "--batch", "4", "--size", "8", "--profile",
+                "--batched-weights", "--out", str(out)])
+    runs = json.loads(out.with_suffix(".json").read_text())["runs"]
+    assert sorted(runs) == ["tiny | dense | eager", "tiny | tr 3 | eager", "tiny | tr+batched 3 | eager"]
+    plain, batched = runs["tiny | tr 3 | eager"][0], runs["tiny | tr+batched 3 | eager"][0]
+    assert "error" not in batched and plain["params"] == batched["params"]
+    model = bench.build("tiny", "tr+batched", 3, "cpu")
+    assert len(model._forward_pre_hooks) == 1 and not bench.build("tiny", "tr", 3, "cpu")._forward_pre_hooks
 
 
 class _Keep(torch.autograd.Function):

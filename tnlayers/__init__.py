@@ -24,7 +24,8 @@ import sys
 from .formats import FORMATS
 from .groups import core_groups
 from .layers import (CPConv2d, CPLinear, FactorizedTensor, TensorizedConv2d, TensorizedLinear, TRConv2d,
-                     TRLinear, TTConv2d, TTLinear, TuckerConv2d, TuckerLinear, cached, set_recompute)
+                     TRLinear, TTConv2d, TTLinear, TuckerConv2d, TuckerLinear, cached, set_recompute,
+                     set_batched_weights)
 from .layers import (CPConv1d, CPConv3d, TensorizedConv1d, TensorizedConv3d, TRConv1d, TRConv3d, TTConv1d,
                      TTConv3d, TuckerConv1d, TuckerConv3d)
 from .layers import (CPEmbedding, TensorizedEmbedding, TiedEmbeddingHead, TREmbedding, TTEmbedding,
@@ -56,6 +57,6 @@ __all__ = ["FactorizedTensor", "TensorizedLinear", "TensorizedConv2d", "TTConv2d
            "to_dense",
            "set_strategy", "get_strategy", "lr", "models", "optim", "training", "adapters", "metrics",
            "adapt", "unadapt", "merge_adapters", "unmerge_adapters", "save_adapters", "load_adapters",
-           "trainable_parameters", "cached", "set_recompute",
+           "trainable_parameters", "cached", "set_recompute", "set_batched_weights",
            "precondition_core_grads_",
            "TensorizedEmbedding", "TTEmbedding", "TREmbedding", "CPEmbedding", "TuckerEmbedding", "TiedEmbeddingHead"]

@@ -141,8 +141,29 @@ class _Plan:
             if chunked.largest < self._weight_expr.largest:
                 self._weight_expr, self.weight_cost = chunked, chunked.cost
 
+    _batched_equation = None  # the weight's equation with a leading batch label, made by the first weights() call
+
     def size(self, labels) -> int:
         return prod([self.net.sizes[label] for label in labels])
+
+    @property
+    def batchable(self) -> bool:
+        """Whether :meth:`weights` applies: the weight is one planned contraction (not a chunked ring)."""
+        return isinstance(self._weight_expr, Contraction)
+
+    def weights(self, stacked: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The weights of several layers of this plan at once: ``stacked[k]`` holds core k of each layer along
+        a leading batch axis; returns (layers, out, in, *spatial modes), each slice what :meth:`weight` gives
+        for that layer's cores. One contraction with a batch label: every pairwise step a ``bmm``."""
+        if self._batched_equation is None:
+            order = self.out_modes + self.in_modes + self.spatial_modes
+            self._batched_equation = einsum_equation([(_BATCH, *labels) for labels in self.net.cores],
+                                                     (_BATCH, *order))
+        stacked = _under_autocast(stacked)
+        contraction, _ = expression(self._batched_equation, tuple(tuple(t.shape) for t in stacked))
+        w = contraction(*stacked).contiguous()
+        spatial = w.shape[w.dim() - len(self.spatial_modes):]
+        return w.reshape(w.shape[0], self.size(self.out_modes), self.size(self.in_modes), *spatial)
 
     def weight(self, cores: Sequence[torch.Tensor]) -> torch.Tensor:
         """Cores -> weight of shape (out, in, *spatial modes), out/in flattened row-major."""

@@ -47,6 +47,7 @@ def _train(name: str, seed: int, data, args) -> Dict:
     with warnings.catch_warnings():  # the paper's Table 8 stem (3 input channels) is larger than its conv: known
         warnings.filterwarnings("ignore", message="TRConv2d over modes .* more than the")
         model = tnlayers.tensorize(tnlayers.models.resnet20(num_classes=10), format="tr", rank=args.rank)
+    tnlayers.set_batched_weights(model)  # each stage's convs rebuild their weights in one contraction per step
     steps_per_epoch = -(-len(y_train) // args.batch_size)
     total = args.epochs * steps_per_epoch if args.steps is None else args.steps
     opt = _optimizer(name, model.parameters(), args.lr)

@@ -32,6 +32,7 @@ class TensorizedLayer(CoreModule):
     cache_weight = True  # reuse the dense weight while no core changes, when no graph needs it
     dense_params: int  # parameters of the nn.Linear / nn.ConvNd this layer stands for (weight and bias)
     _weight_cache = None
+    _prebuilt = None  # a weight rebuilt together with other layers' for the next training call (set_batched_weights)
     last_strategy = None  # the strategy the last eager forward ran ("dense" or "factorized")
     # Training through the cores: keep only the chain's input and rerun the chain in backward (set_recompute)
     recompute = False
@@ -202,6 +203,11 @@ class TensorizedLayer(CoreModule):
         if (not self.cache_weight or (torch.is_grad_enabled() and any(c.requires_grad for c in cores))
                 or any(c.is_inference() or hasattr(c, "to_local") for c in cores)):
             self._weight_cache = None  # training: free the inference copy
+            prebuilt = self._prebuilt
+            if prebuilt is not None:  # built with others of its shape (batched_weights.py): taken once
+                self._prebuilt = None
+                if prebuilt.valid(cores):
+                    return prebuilt.weight
             return self.weight
         self._weight_cache = reuse_or_build(cores, self._weight_cache, lambda: self.weight)
         return self._weight_cache[1]
