@@ -23,9 +23,9 @@ F64 = torch.float64
 class Net(nn.Module):
     """``n`` same-shape convs (tanh between), a conv of another shape, and a linear pair; ``skip``: a conv the
     forward leaves out; ``twice``: a conv applied twice; ``touch``: a conv whose first core the forward
-    scales in place just before calling it."""
+    scales in place just before calling it (``through_data``: through ``.data``, no version counter moves)."""
 
-    def __init__(self, fmt, n=3, channels=6, rank=3, skip=None, twice=None, touch=None):
+    def __init__(self, fmt, n=3, channels=6, rank=3, skip=None, twice=None, touch=None, through_data=False):
         super().__init__()
         make = lambda c_in, c_out: tnlayers.TensorizedConv2d(  # noqa: E731
             c_in, c_out, 3, padding=1, rank=rank, format=fmt, strategy="dense", dtype=F64)
@@ -33,7 +33,7 @@ class Net(nn.Module):
         self.wide = make(channels, 2 * channels)
         self.heads = nn.ModuleList(tnlayers.TensorizedLinear(8, 8, rank=2, format=fmt, strategy="dense", dtype=F64)
                                    for _ in range(2))
-        self.fmt, self.skip, self.twice, self.touch = fmt, skip, twice, touch
+        self.fmt, self.skip, self.twice, self.touch, self.through_data = fmt, skip, twice, touch, through_data
 
     def conv(self, layer, x, reference):
         if not reference:
@@ -47,7 +47,7 @@ class Net(nn.Module):
                 continue
             if i == self.touch:
                 with torch.no_grad():
-                    layer.cores[0].mul_(1.5)
+                    (layer.cores[0].data if self.through_data else layer.cores[0]).mul_(1.5)
             x = torch.tanh(self.conv(layer, x, reference))
             if i == self.twice:
                 x = torch.tanh(self.conv(layer, x, reference))
@@ -132,7 +132,7 @@ def test_a_layer_the_forward_leaves_out_gets_no_gradient(fmt, builds):
 def test_a_layer_called_twice_and_cores_written_during_the_forward(fmt):
     torch.manual_seed(2)
     x = torch.randn(2, 6, 5, 5, dtype=F64)
-    for options in ({"twice": 1}, {"touch": 1}):
+    for options in ({"twice": 1}, {"touch": 1}, {"touch": 1, "through_data": True}):
         net = Net(fmt, **options)
         net(x)
         tnlayers.set_batched_weights(net)

@@ -9,7 +9,8 @@ contraction whose steps are ``bmm``, the result split per layer; one set of ops 
 How: a forward pre-hook on the model builds, when a graph is being recorded, the weights of the tensorized
 layers that ran dense on their last call, grouped by plan, dtype and device (two layers or more per group).
 Each such layer takes its weight on its next dense call in this forward when its cores are the ones the
-weight was built from (same tensors, same version counters), grad mode and autocast dtype unchanged; any
+weight was built from (same tensors, version counters and values: the stacked copies are the snapshot, and a
+write through ``.data`` moves no version counter), grad mode and autocast dtype unchanged; any
 other call builds its own, as without batching. A forward hook (always called, also when the forward
 raises) drops what was not taken. The gradient goes through two ``autograd.Function`` (stack, split) that give
 gradients only to the cores of layers whose weight was used: a layer skipped by this forward keeps a
@@ -29,6 +30,7 @@ from torch import nn
 
 from ..contract import autocast_dtype
 from .tensorized import TensorizedLayer
+from .weight_cache import unchanged
 
 __all__ = ["set_batched_weights"]
 
@@ -89,10 +91,12 @@ class _Split(torch.autograd.Function):
 
 
 def _batched_weights(layers: Sequence[TensorizedLayer], cores: Sequence[Sequence[torch.Tensor]]):
-    """The weights of ``layers`` (one plan), one contraction for all; gradients as :class:`_Stack` says."""
+    """(the weights of ``layers`` (one plan), one contraction for all, gradients as :class:`_Stack` says;
+    per layer, views of the stacked copies of its cores: the values each weight was built from)."""
     used = _Used()
     stacked = _Stack.apply(used, len(cores[0]), *[c for own in cores for c in own])
-    return _Split.apply(used, layers[0].plan.weights(stacked))
+    copies = list(zip(*[s.detach().unbind(0) for s in stacked]))
+    return _Split.apply(used, layers[0].plan.weights(stacked)), copies
 
 
 # The innermost active saved-tensor hooks (torch >= 2.8; a private binding, hence looked up, not assumed)
@@ -114,21 +118,22 @@ def _saved_tensor_hooks_active() -> bool:
 class _Prebuilt:
     """A weight built for one layer by the batcher, and what it was built from."""
 
-    __slots__ = ("batcher", "generation", "cores", "versions", "autocast", "weight")
+    __slots__ = ("batcher", "generation", "cores", "versions", "autocast", "weight", "values")
 
-    def __init__(self, batcher, cores: Sequence[torch.Tensor], weight: torch.Tensor):
+    def __init__(self, batcher, cores: Sequence[torch.Tensor], weight: torch.Tensor, values: Sequence[torch.Tensor]):
         self.batcher, self.generation = batcher, batcher.generation
         self.cores = tuple(cores)
         self.versions = tuple(c._version for c in cores)
         self.autocast = autocast_dtype(cores[0].device.type)
-        self.weight = weight
+        self.weight, self.values = weight, list(values)
 
     def valid(self, cores: Sequence[torch.Tensor]) -> bool:
         """Whether the layer, about to use ``cores``, may take this weight instead of building its own."""
         return (self.generation == self.batcher.generation and torch.is_grad_enabled()
                 and len(cores) == len(self.cores) and all(a is b for a, b in zip(cores, self.cores))
                 and tuple(c._version for c in cores) == self.versions
-                and autocast_dtype(cores[0].device.type) == self.autocast and not _saved_tensor_hooks_active())
+                and autocast_dtype(cores[0].device.type) == self.autocast and not _saved_tensor_hooks_active()
+                and unchanged(cores, self.values))  # values too: a write through .data keeps the version
 
 
 def _batchable(layer: nn.Module) -> bool:
@@ -167,8 +172,9 @@ class _Batcher:
             if len(layers) < 2:
                 continue  # nothing to share: the layer's own rebuild is as fast
             cores = [layer.core_parameters() for layer in layers]
-            for layer, own, weight in zip(layers, cores, _batched_weights(layers, cores)):
-                layer._prebuilt = _Prebuilt(self, own, weight.reshape(layer._weight_shape()))
+            weights, values = _batched_weights(layers, cores)
+            for layer, own, weight, built_from in zip(layers, cores, weights, values):
+                layer._prebuilt = _Prebuilt(self, own, weight.reshape(layer._weight_shape()), built_from)
                 self.given.append(layer)
 
     def drop(self, *unused) -> None:
