@@ -69,7 +69,7 @@ def test_default_outputs_never_touch_committed_results(tmp_path, monkeypatch):
     for path in ("benchmarks/results/local/cpu-layers.md", "examples/results/local/norm_dynamics.json"):
         ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=root)
         assert ignored.returncode == 0, f"{path} is not git-ignored"
-    for script in ("layers", "step_time", "adapter_step", "optimizer_step", "models", "compress"):
+    for script in ("layers", "step_time", "adapter_step", "optimizer_step", "models", "compress", "layer_overhead"):
         source = (BENCH / f"{script}.py").read_text()
         assert "default_out(" in source and '/ "results" /' not in source, script
 
@@ -81,3 +81,13 @@ def test_weight_cache_benchmark_runs_and_agrees(tmp_path):
     assert out.read_text() == text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "µs" not in line]
     assert len(rows) == 4 and all(line.endswith("| True |") for line in rows)
+
+
+def test_layer_overhead_benchmark_runs_and_agrees(tmp_path):
+    """benchmarks/layer_overhead.py at one call per variant: a row per layer, every reference (the nn layer with
+    the layer's weight, an opt_einsum rebuild + F.conv2d, the layer's own chain) the layer's output."""
+    out = tmp_path / "ov.md"
+    text = load("layer_overhead").main(["--calls", "1", "--rounds", "1", "--warmup", "0", "--out", str(out)])
+    assert out.read_text() == text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "µs" not in line]
+    assert len(rows) == 6 and all(line.endswith("| True |") for line in rows)

@@ -46,28 +46,34 @@ def test_values_and_gradients_match_a_1x1_conv(batch, c, o, h, w, x_last, y_last
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
+# (out, in) channels: more out than in, and fewer (the map then computes the narrow product the other way round)
+CHANNELS = [(4, 3), (2, 5)]
+
+
 @pytest.mark.parametrize("x_last,y_last", LAYOUTS)
-def test_gradcheck_and_second_order(x_last, y_last):
+@pytest.mark.parametrize("out,channels", CHANNELS)
+def test_gradcheck_and_second_order(x_last, y_last, out, channels):
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 4, 5, dtype=torch.float64).to(memory_format=FORMAT[x_last]).requires_grad_()
-    matrix = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, channels, 4, 5, dtype=torch.float64).to(memory_format=FORMAT[x_last]).requires_grad_()
+    matrix = torch.randn(out, channels, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(out, dtype=torch.float64, requires_grad=True)
     fn = lambda x, m, b: mapped(x, m, b, y_last)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, matrix, bias))
     assert torch.autograd.gradgradcheck(fn, (x, matrix, bias))
 
 
 @pytest.mark.parametrize("x_last,y_last", LAYOUTS)
-def test_output_and_input_gradient_keep_their_layouts(x_last, y_last):
+@pytest.mark.parametrize("out,channels", CHANNELS)
+def test_output_and_input_gradient_keep_their_layouts(x_last, y_last, out, channels):
     """The output is stored in the layout asked for, and the input's gradient in the input's layout (what
     the custom function is for: plain bmm autograd would hand it back transposed)."""
-    leaf = torch.randn(2, 3, 4, 5).to(memory_format=FORMAT[x_last]).requires_grad_()
+    leaf = torch.randn(2, channels, 4, 5).to(memory_format=FORMAT[x_last]).requires_grad_()
     x = leaf * 1  # not a leaf: its gradient is seen before accumulation could restride it
     seen = []
     x.register_hook(seen.append)
-    y = mapped(x, torch.randn(6, 3, requires_grad=True), None, y_last)
+    y = mapped(x, torch.randn(out, channels, requires_grad=True), None, y_last)
     assert y.is_contiguous(memory_format=FORMAT[y_last])
-    y.backward(torch.randn(2, 6, 4, 5).to(memory_format=FORMAT[y_last]))
+    y.backward(torch.randn(2, out, 4, 5).to(memory_format=FORMAT[y_last]))
     assert seen[0].is_contiguous(memory_format=FORMAT[x_last])
 
 

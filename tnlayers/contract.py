@@ -161,14 +161,16 @@ class _Plan:
                                                      (_BATCH, *order))
         stacked = _under_autocast(stacked)
         contraction, _ = expression(self._batched_equation, tuple(tuple(t.shape) for t in stacked))
-        w = contraction(*stacked).contiguous()
-        spatial = w.shape[w.dim() - len(self.spatial_modes):]
-        return w.reshape(w.shape[0], self.size(self.out_modes), self.size(self.in_modes), *spatial)
+        return self._shaped(contraction(*stacked).contiguous(), lead=1)
 
     def weight(self, cores: Sequence[torch.Tensor]) -> torch.Tensor:
         """Cores -> weight of shape (out, in, *spatial modes), out/in flattened row-major."""
-        w = self._weight_expr(*_under_autocast(cores)).contiguous()  # the layout conv/linear kernels read
-        return w.reshape(self.size(self.out_modes), self.size(self.in_modes), *w.shape[w.dim() - len(self.spatial_modes):])
+        return self._shaped(self._weight_expr(*_under_autocast(cores)).contiguous())  # the layout kernels read
+
+    def _shaped(self, w: torch.Tensor, lead: int = 0) -> torch.Tensor:
+        """(*lead axes, out modes..., in modes..., spatial...) -> (*lead axes, out, in, *spatial), flattened row-major."""
+        spatial = w.shape[w.dim() - len(self.spatial_modes):]
+        return w.reshape(*w.shape[:lead], self.size(self.out_modes), self.size(self.in_modes), *spatial)
 
 
 class LinearPlan(_Plan):

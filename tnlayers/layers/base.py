@@ -128,6 +128,10 @@ class CoreModule(nn.Module):
         # the ParameterList's own dict, in order (hot path: 3x faster than .parameters(), 12x than iterating)
         return [p for p in self.cores._parameters.values() if p is not None]
 
+    def _first_core(self) -> nn.Parameter:
+        """Core 0 without ParameterList indexing (~2 us on the hot path)."""
+        return next(iter(self.cores._parameters.values()))
+
     @property
     def ranks(self) -> dict:
         """Bond label -> size, e.g. ``{'r1': 64, 'r2': 64}`` for a TT conv."""
@@ -150,7 +154,7 @@ class CoreModule(nn.Module):
 
     def _check_materialized(self, what: str) -> None:
         """A clear error instead of a failure deep inside a contraction when the cores have no values."""
-        if self.cores[0].is_meta:  # (one look: forward calls this)
+        if self._first_core().is_meta:  # (one look: forward calls this)
             raise NotImplementedError(
                 f"{type(self).__name__}.{what} needs cores with values, but they are on the meta device; "
                 f"materialize first: module.to_empty(device='cpu') then module.reset_parameters()")

@@ -60,8 +60,9 @@ class _Stack(torch.autograd.Function):
         result: List[torch.Tensor | None] = [None] * (ctx.n * ctx.k)
         for j, g in enumerate(grads):
             if g is not None:
+                parts = g.unbind(0)  # (one op for all layers' views; indexing g[i] costs one per layer)
                 for i in ctx.used.layers:
-                    result[i * ctx.k + j] = g[i]
+                    result[i * ctx.k + j] = parts[i]
         return (None, None, *result)
 
 

@@ -96,10 +96,10 @@ class TensorizedConvNd(TensorizedLayer):
         if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
             raise ValueError(f"{name} expects input of shape (N, {self.in_channels}, {_SPATIAL[n]}) or "
                              f"({self.in_channels}, {_SPATIAL[n]}), got {tuple(x.shape)}")
-        size = tuple(x.shape[-n:])
-        padded = tuple(s + self._pad[2 * (n - 1 - i)] + self._pad[2 * (n - 1 - i) + 1] for i, s in enumerate(size))
-        need = tuple(d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel_size))
-        if any(p < q for p, q in zip(padded, need)):
+        if any(s < least for s, least in zip(x.shape[-n:], self._least_size())):
+            size = tuple(x.shape[-n:])
+            padded = tuple(s + self._pad[2 * (n - 1 - i)] + self._pad[2 * (n - 1 - i) + 1] for i, s in enumerate(size))
+            need = tuple(d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel_size))
             raise ValueError(f"{name}: input of spatial size {size} (padded {padded}) is smaller than the dilated "
                              f"kernel {need}")
         unbatched = x.dim() == n + 1
@@ -110,6 +110,17 @@ class TensorizedConvNd(TensorizedLayer):
             x = F.pad(x, self._pad, mode=mode)
         y = self._apply_cores(x)
         return y.squeeze(0) if unbatched else y
+
+    def _least_size(self) -> tuple:
+        """The smallest input size per spatial dim (first dim first): the dilated kernel less the padding.
+        Computed once (the forward's shape check would otherwise redo it per call)."""
+        least = self.__dict__.get("_least")
+        if least is None:
+            n = self.SPATIAL_DIMS
+            least = tuple(d * (k - 1) + 1 - self._pad[2 * (n - 1 - i)] - self._pad[2 * (n - 1 - i) + 1]
+                          for i, (d, k) in enumerate(zip(self.dilation, self.kernel_size)))
+            self.__dict__["_least"] = least
+        return least
 
     def _state_config(self):
         return {**super()._state_config(), "kernel_size": self.kernel_size, "groups": self.groups}

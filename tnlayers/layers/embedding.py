@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._autograd import signature_stored
 from ..init import init_cores_
 from ..shapes import positive_int
 from ..strategy import ModuleChoices, check_strategy, chooser, timing_run
@@ -30,6 +31,7 @@ from .tensorized import TensorizedLayer
 __all__ = ["TensorizedEmbedding", "TTEmbedding", "TREmbedding", "CPEmbedding", "TuckerEmbedding"]
 
 
+@signature_stored  # (apply: ~30 us less per call)
 class _ScaleRows(torch.autograd.Function):
     """rows * forward_scale on the way forward, grad * grad_scale on the way back (either may be None): the
     constant factors of nn.Embedding's max_norm (no gradient through it) and scale_grad_by_freq."""

@@ -116,7 +116,7 @@ class TensorizedLayer(CoreModule):
             raise TypeError(f"{type(self).__name__} expects a torch.Tensor input, got {type(x).__name__}")
         if not (x.is_floating_point() or x.is_complex()):
             raise TypeError(f"{type(self).__name__} expects a floating-point input, got dtype {x.dtype}")
-        core = self.cores[0]
+        core = self._first_core()
         if core.is_meta:
             self._check_materialized("forward")
         # nn.Conv2d refuses mixed dtypes too (outside autocast, which casts both): say which and what to do
@@ -140,8 +140,8 @@ class TensorizedLayer(CoreModule):
     def _apply_cores(self, x: torch.Tensor) -> torch.Tensor:
         """The layer on a prepared input, by the strategy in force for it."""
         strategy = self._strategy_for(x)
-        if not torch.compiler.is_compiling():
-            self.last_strategy = strategy
+        if self.__dict__.get("last_strategy") != strategy and not torch.compiler.is_compiling():
+            self.__dict__["last_strategy"] = strategy  # (a plain attribute: nn.Module.__setattr__ costs ~2 us)
         if strategy == "dense":
             return self._dense(x, self._dense_weight(), self.bias)
         return self._run_factorized(x, self.core_parameters(), self.bias)
@@ -200,17 +200,21 @@ class TensorizedLayer(CoreModule):
         if torch.compiler.is_compiling():
             return self.weight
         cores = self.core_parameters()
+        state = self.__dict__  # plain attributes, set without nn.Module.__setattr__ (~2 us each on the hot path)
         if (not self.cache_weight or (torch.is_grad_enabled() and any(c.requires_grad for c in cores))
                 or any(c.is_inference() or hasattr(c, "to_local") for c in cores)):
-            self._weight_cache = None  # training: free the inference copy
+            state["_weight_cache"] = None  # training: free the inference copy
             prebuilt = self._prebuilt
             if prebuilt is not None:  # built with others of its shape (batched_weights.py): taken once
-                self._prebuilt = None
+                state["_prebuilt"] = None
                 if prebuilt.valid(cores):
                     return prebuilt.weight
             return self.weight
-        self._weight_cache = reuse_or_build(cores, self._weight_cache, lambda: self.weight)
-        return self._weight_cache[1]
+        entry = self._weight_cache
+        fresh = reuse_or_build(cores, entry, lambda: self.weight)
+        if fresh is not entry:
+            state["_weight_cache"] = fresh
+        return fresh[1]
 
     def clear_weight_cache(self) -> None:
         """Free the cached inference weight (it is rebuilt on the next no-grad dense call)."""

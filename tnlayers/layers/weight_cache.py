@@ -50,7 +50,7 @@ def reuse_or_build(cores: Sequence[torch.Tensor], entry: Optional[Entry],
     """``entry`` while it still is the cores' weight, else a new one from ``build()``. Its key holds the
     cores' version counters, storages, dtypes and devices, the autocast dtype and inference mode (a weight
     built in one of them is not the weight of another); then the values are compared (:func:`unchanged`)."""
-    key = (tuple((c._version, c.data_ptr(), c.dtype, c.device) for c in cores),
+    key = ([(c._version, c.data_ptr(), c.dtype, c.device) for c in cores],  # (a list: built faster than a tuple)
            autocast_dtype(cores[0].device.type), torch.is_inference_mode_enabled())
     if entry is None or entry[0] != key or not unchanged(cores, entry[2]):
         entry = (key, build().detach(), snapshot(cores))
@@ -70,14 +70,19 @@ def unchanged(cores: Sequence[torch.Tensor], copy: Snapshot) -> bool:
         return True
     if isinstance(copy, torch.Tensor):
         return torch.equal(_flat(cores), copy)
-    return all(_equal(c, s) for c, s in zip(cores, copy))
+    for core, kept in zip(cores, copy):  # (a plain loop: ~1 us per core less than all() over a generator)
+        if not (torch.equal(core, kept) if kept.numel() < _NUMPY_MIN else _equal_large(core, kept)):
+            return False
+    return True
 
 
 def _flat(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([c.detach().reshape(-1) for c in cores])
 
 
-def _equal(core: torch.Tensor, copy: torch.Tensor) -> bool:
-    if core.numel() >= _NUMPY_MIN and core.dtype in (torch.float32, torch.float64):
+def _equal_large(core: torch.Tensor, copy: torch.Tensor) -> bool:
+    if core.shape != copy.shape:
+        return False
+    if core.dtype in (torch.float32, torch.float64):
         return bool((core.detach().numpy() == copy.numpy()).all())
     return torch.equal(core, copy)
